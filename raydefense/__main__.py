@@ -1,0 +1,3 @@
+from raydefense.cli import main
+
+main()

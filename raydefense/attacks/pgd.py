@@ -1,0 +1,108 @@
+"""Training-time attacks: FGSM and PGD under L-inf or L2, written for speed.
+
+One engine, ``pgd``, maximizes any objective ``loss_fn(x_adv) -> scalar``, so cross-entropy
+attacks, TRADES' KL attack, the logit-distance attack behind AFS's Delta_z and attacks through a
+whole stack all share the same projection code. Gradients are taken with respect to the input
+only (``torch.autograd.grad``), so no weight gradients are computed or accumulated. Callers put
+models in eval mode with ``eval_mode`` (the attack itself never changes a model's mode).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Norm = Literal["linf", "l2"]
+Objective = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode and restore each one's previous mode afterwards, even on error."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, was_training in zip(models, modes):
+            m.train(was_training)
+
+
+def _l2_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
+    """Project delta onto the eps-ball and keep x + delta inside [0, 1]."""
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _l2_norm(delta)).clamp(max=1.0)
+    return (x + delta).clamp_(0, 1) - x
+
+
+def random_start(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform start in the L-inf cube, or uniform in the L2 ball (direction x radius)."""
+    if norm == "linf":
+        delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        n = x[0].numel()
+        r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        delta = d / _l2_norm(d) * eps * r.pow(1.0 / n)
+    return project(delta, x, eps, norm)
+
+
+def pgd(loss_fn: Objective, x: torch.Tensor, eps: float, steps: int, step_size: float | None = None,
+        norm: Norm = "linf", rand_init: bool = True, generator: torch.Generator | None = None,
+        x_init: torch.Tensor | None = None) -> torch.Tensor:
+    """Maximize ``loss_fn`` over the eps-ball around x (inputs in [0, 1]); returns x_adv, detached.
+
+    ``loss_fn`` must return a scalar that sums per-sample losses (so each sample's step does not
+    depend on the batch size). ``step_size`` defaults to eps / 4 (2.5 * eps / steps for L2 when
+    larger). ``x_init`` overrides the start point (TRADES starts at x + 0.001 * noise).
+    eps == 0 or steps == 0 returns x unchanged.
+    """
+    x = x.detach()
+    if eps <= 0 or steps <= 0:
+        return x.clone()
+    if step_size is None:
+        step_size = eps / 4 if norm == "linf" else max(eps / 4, 2.5 * eps / steps)
+    if x_init is not None:
+        delta = project(x_init.detach() - x, x, eps, norm)
+    else:
+        delta = random_start(x, eps, norm, generator) if rand_init else torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = loss_fn(x + delta)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            if norm == "linf":
+                delta = delta + step_size * grad.sign()
+            else:
+                delta = delta + step_size * grad / _l2_norm(grad)
+            delta = project(delta, x, eps, norm)
+    return (x + delta).detach()
+
+
+def ce_objective(model: nn.Module, y: torch.Tensor) -> Objective:
+    """Summed cross-entropy of ``model`` at the attacked input: the usual untargeted objective."""
+    return lambda xa: F.cross_entropy(model(xa), y, reduction="sum")
+
+
+def pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
+           step_size: float | None = None, norm: Norm = "linf", rand_init: bool = True,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Untargeted PGD on cross-entropy with the model in eval mode (its mode restored afterwards)."""
+    with eval_mode(model):
+        return pgd(ce_objective(model, y), x, eps, steps, step_size, norm, rand_init, generator)
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Single signed-gradient step of size eps from x (no random start)."""
+    return pgd_ce(model, x, y, eps, steps=1, step_size=eps, rand_init=False)

@@ -1,0 +1,51 @@
+"""The ``raydefense`` command: a thin typer layer over the library.
+
+Errors a user can cause end here as one line on stderr and exit code 2; interrupted runs exit
+130. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from raydefense.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Train, search, stack and honestly evaluate adversarially robust models on Ray.")
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details")) -> None:
+    from raydefense.cli.ui import setup_logging
+
+    setup_logging(verbose)
+
+
+def _register() -> None:
+    # Each module adds its commands to ``app``; importing them here keeps cli/__init__ small.
+    from raydefense.cli import evaluate, train  # noqa: F401
+    from raydefense.cli import sweep  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="raydefense", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+        sys.exit(130)

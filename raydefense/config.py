@@ -1,0 +1,151 @@
+"""Typed options: ``TrainConfig`` for what every method shares, a dataclass per method for the rest.
+
+These dataclasses are the single source of truth: the CLI generates its options from them,
+config.json stores them, and Tune search spaces set their fields by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional
+
+from raydefense.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fit`` needs; method-specific options go in ``options``."""
+
+    method: str = "pgd-at"
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    arch: Optional[str] = None  # None: the dataset's default backbone
+    eps: Optional[float] = None  # training budget in input scale; None: the dataset's standard eps
+    attack_steps: int = 10  # PGD steps of the training attack
+    attack_step_size: Optional[float] = None  # None: eps / 4
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: Literal["piecewise", "cosine", "constant"] = "piecewise"
+    val_attack_steps: int = 10  # PGD steps used for validation robust accuracy
+    patience: int = 0  # stop after this many epochs without a better val robust accuracy (0: never)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return build_dataclass(cls, d, where="config")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+HELP: dict[str, str] = {
+    "method": "defense to train",
+    "dataset": "named dataset (digits works offline)",
+    "data_dir": "where torchvision datasets live",
+    "arch": "backbone: small-cnn, preact-resnet18, wrn-28-10, wrn-34-10 (default: per dataset)",
+    "eps": "training L-inf budget in input scale, e.g. 8/255 (default: the dataset's standard eps)",
+    "attack_steps": "PGD steps of the training attack",
+    "attack_step_size": "PGD step size (default eps/4)",
+    "epochs": "training epochs",
+    "batch_size": "training batch size",
+    "optimizer": "sgd or adam",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "lr_schedule": "piecewise (x0.1 at 50% and 75%), cosine or constant",
+    "val_attack_steps": "PGD steps for validation robust accuracy",
+    "patience": "early stop after this many epochs without improvement (0: never; best epoch kept anyway)",
+    "seed": "random seed",
+    "threads": "torch CPU threads (0: torch default)",
+    "device": "auto, cpu, cuda or cuda:N",
+}
+
+
+def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
+    """Coerce a JSON or command-line value to the declared field type, or raise UserError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name, where)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{where}: {name} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (dict, list, tuple):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                if origin in (list, tuple):
+                    value = [v for v in value.split(",") if v]
+        if origin is dict and isinstance(value, dict):
+            return dict(value)
+        if origin in (list, tuple) and isinstance(value, (list, tuple)):
+            item = args[0] if args else Any
+            items = [_coerce(v, item, name, where) for v in value]
+            return tuple(items) if origin is tuple else items
+        raise UserError(f"{where}: {name} must be a {origin.__name__}, got {value!r}")
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            from fractions import Fraction
+
+            return float(Fraction(value)) if isinstance(value, str) else float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise UserError(f"{where}: {name} must be {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate ``cls`` from a dict, naming any unknown key or badly typed value."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: expected a mapping of options, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown option {unknown[0]!r}; known: {', '.join(sorted(known)) or 'none'}")
+    return cls(**{k: _coerce(v, hints[k], k, where) for k, v in values.items()})
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """Turn ``["beta=6", "lambda_schedule=linear-up"]`` into a dict of strings."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out

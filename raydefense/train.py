@@ -1,0 +1,235 @@
+"""``fit``: the one epoch loop every method trains with.
+
+Each epoch: shuffled batches through ``method.train_step``, then validation (clean and PGD
+accuracy of the inference module on the val split, plus the method's diagnostics). The best epoch
+by the method's selection metric (validation robust accuracy by default: early stopping against
+robust overfitting) is the checkpoint's ``model.pt``; ``trainer_state.pt`` holds the last epoch's
+full state so that a run resumes exactly where it stopped. A ``reporter`` receives each epoch's
+metrics and the checkpoint directory; Ray Tune plugs in there unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from raydefense.attacks import pgd_ce
+from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
+                                   load_module_states, module_states, read_config, safe_torch_load,
+                                   save_checkpoint)
+from raydefense.config import TrainConfig
+from raydefense.data import Splits, load_splits
+from raydefense.device import resolve_device
+from raydefense.errors import UserError
+from raydefense.methods import Method, MethodContext, build_method
+from raydefense.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[dict[str, float], Path], None]
+METRICS_FILE = "metrics.jsonl"
+# Fields that may differ between a run and its resumption without changing what is trained.
+_RESUME_IGNORES = ("threads", "device", "data_dir")
+
+
+class ProgressSink(Protocol):
+    """What fit tells a progress display (the CLI's rich bar); library code never prints."""
+
+    def start(self, total_batches: int, description: str) -> None: ...
+    def advance(self, batches: int, metrics: dict[str, float] | None = None) -> None: ...
+
+
+@dataclass
+class FitResult:
+    checkpoint: Path
+    best: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_multiplier(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """Per-iteration LR factor: piecewise (x0.1 at 50 % and 75 %), cosine, or constant."""
+    total = max(1, total_steps)
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    if schedule == "piecewise":
+        return lambda step: 1.0 if step < 0.5 * total else (0.1 if step < 0.75 * total else 0.01)
+    raise UserError(f"unknown lr schedule {schedule!r}; use piecewise, cosine or constant")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    if cfg.eps is not None and (cfg.eps < 0 or not math.isfinite(cfg.eps)):
+        raise UserError(f"eps must be >= 0, got {cfg.eps}")
+    for name in ("epochs", "batch_size", "attack_steps"):
+        if getattr(cfg, name) < (0 if name == "attack_steps" else 1):
+            raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UserError(f"lr must be > 0, got {cfg.lr}")
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    return correct / max(1, len(y))
+
+
+def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                    batch_size: int = 512, generator: torch.Generator | None = None) -> float:
+    """Accuracy under PGD-``steps`` (L-inf, step eps/4, random start), model in eval mode."""
+    if eps <= 0 or steps <= 0:
+        return accuracy(model, x, y, batch_size)
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        xa = pgd_ce(model, xb, yb, eps, steps, eps / 4, generator=generator)
+        with torch.no_grad():
+            correct += int((model(xa).argmax(1) == yb).sum())
+    return correct / max(1, len(y))
+
+
+def checkpoint_config(cfg: TrainConfig, method: Method, **extra: Any) -> dict[str, Any]:
+    return {"kind": "method", "train": cfg.to_dict(), "dataset": method.ctx.info.to_dict(),
+            "arch": method.ctx.arch, "eps": method.ctx.eps, "provenance": provenance(), **extra}
+
+
+def _comparable(train: dict) -> dict:
+    return {k: v for k, v in train.items() if k not in _RESUME_IGNORES}
+
+
+def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, reporter: Reporter | None = None,
+        progress: ProgressSink | None = None, resume: bool = True,
+        resume_state: dict | None = None) -> FitResult:
+    """Train ``cfg.method`` into the checkpoint directory ``out_dir``; resume from it if it holds a run.
+
+    ``resume_state`` (a trainer_state dict, e.g. restored from a Ray checkpoint) takes precedence.
+    """
+    validate_config(cfg)
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    splits = splits or load_splits(cfg.dataset, cfg.data_dir)
+    train_x, train_y = (t.to(device) for t in splits.train.tensors())
+    val_x, val_y = (t.to(device) for t in splits.val.tensors())
+    n_batches = math.ceil(len(train_y) / cfg.batch_size)
+
+    attack_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    ctx = MethodContext(cfg, splits.info, device, steps_per_epoch=n_batches, generator=attack_gen)
+    method = build_method(ctx)
+    method.optimizers = method.configure_optimizers()
+    factor = lr_multiplier(cfg.lr_schedule, cfg.epochs * n_batches)
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in method.optimizers.items()}
+    select = getattr(method, "selection_metric", "val_robust_acc")
+
+    start_epoch, best, best_key, history = 0, {}, (-1.0, -1.0), []
+    state = resume_state
+    if state is None and resume and (out_dir / TRAINER_STATE).is_file():
+        stored = read_config(out_dir)
+        if _comparable(stored.get("train", {})) != _comparable(cfg.to_dict()):
+            raise UserError(f"{out_dir} holds a run with different settings; choose another --out or delete it")
+        state = safe_torch_load(out_dir / TRAINER_STATE, map_location=device)
+    if state is not None:
+        load_module_states(method.modules(), state["modules"], out_dir)
+        for k, opt in method.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        for k, sch in schedulers.items():
+            sch.load_state_dict(state["schedulers"][k])
+        attack_gen.set_state(state["attack_rng"].to("cpu") if device.type == "cpu" else state["attack_rng"].cpu())
+        start_epoch, best = int(state["epoch"]), dict(state["best"])
+        best_key = (best.get(select, -1.0), best.get("val_clean_acc", -1.0))
+        history = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()[:start_epoch]] \
+            if (out_dir / METRICS_FILE).is_file() else []
+        log.info("resuming %s at epoch %d/%d", cfg.method, start_epoch + 1, cfg.epochs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    if progress is not None:
+        progress.start((cfg.epochs - start_epoch) * n_batches, f"{cfg.method} eps={ctx.eps:.4g}")
+    stale = _epochs_since_best(history, select) if history else 0
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        method.epoch = epoch
+        tic = time.perf_counter()
+        for m in method.modules().values():
+            m.train()
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        sums: dict[str, float] = {}
+        for b in range(n_batches):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
+            step_metrics = method.train_step(train_x[idx], train_y[idx])
+            for k, v in step_metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            for sch in schedulers.values():
+                sch.step()
+            if progress is not None:
+                progress.advance(1, step_metrics)
+        train_time = time.perf_counter() - tic
+
+        model = method.inference_module()
+        for m in method.modules().values():
+            m.eval()
+        metrics: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v / n_batches for k, v in sums.items()}}
+        metrics["val_clean_acc"] = accuracy(model, val_x, val_y)
+        metrics["val_robust_acc"] = robust_accuracy(model, val_x, val_y, ctx.eps, cfg.val_attack_steps, generator=attack_gen)
+        metrics.update(method.epoch_diagnostics(val_x, val_y))
+        metrics["lr"] = next(iter(method.optimizers.values())).param_groups[0]["lr"]
+        metrics["train_time_s"] = train_time
+        metrics["epoch_time_s"] = time.perf_counter() - tic
+        history.append(metrics)
+
+        key = (metrics[select], metrics["val_clean_acc"])
+        if key > best_key:
+            best_key, best, stale = key, dict(metrics), 0
+            save_checkpoint(out_dir, checkpoint_config(cfg, method, finished=False, best=best),
+                            module_states(method.modules()))
+        else:
+            stale += 1
+        atomic_torch_save(out_dir / TRAINER_STATE, {
+            "modules": module_states(method.modules()),
+            "optimizers": {k: o.state_dict() for k, o in method.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "attack_rng": attack_gen.get_state(), "epoch": epoch + 1, "best": best})
+        with open(out_dir / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
+        if cfg.patience and stale >= cfg.patience:
+            stopped_early = True
+        if reporter is not None:
+            reporter(metrics, out_dir)
+        if stopped_early:
+            log.info("early stop: %s has not improved for %d epochs", select, stale)
+            break
+
+    config = read_config(out_dir)
+    config.update(finished=True, best=best, epochs_run=len(history), stopped_early=stopped_early)
+    atomic_write_json(out_dir / CONFIG, config)
+    return FitResult(out_dir, best, history, stopped_early)
+
+
+def _epochs_since_best(history: list[dict], select: str) -> int:
+    keys = [(h[select], h["val_clean_acc"]) for h in history]
+    return len(keys) - 1 - max(range(len(keys)), key=lambda i: (keys[i], -i))
+
+
+__all__ = ["FitResult", "ProgressSink", "Reporter", "accuracy", "fit", "robust_accuracy", "WEIGHTS"]

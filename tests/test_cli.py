@@ -1,0 +1,73 @@
+"""The CLI end to end on tiny runs, and one clear line + exit 2 for every bad input."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from raydefense.cli import main
+
+
+def run_cli(*args) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "pgdat"
+    assert run_cli("train", "pgd-at", "--epochs", "1", "--attack-steps", "2", "--val-attack-steps", "2",
+                   "--eps", "3/16", "--out", out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["eps"] == 3 / 16 and cfg["finished"]
+    assert run_cli("evaluate", out, "--attacks", "fgsm,pgd10,pgd20", "--n", "60") == 0
+    rows = pq.read_table(out / "eval.parquet").to_pylist()
+    acc = {r["attack"]: r["accuracy"] for r in rows}
+    assert list(acc) == ["clean", "fgsm", "pgd10", "pgd20", "worst-case"]
+    assert all(r["n"] == 60 for r in rows) and {"attack", "eps", "accuracy", "n"} <= set(rows[0])
+    assert acc["worst-case"] <= min(acc[a] for a in ("clean", "fgsm", "pgd10", "pgd20"))
+    report = (out / "report.md").read_text()
+    assert "worst-case" in report and "torch" in report
+
+
+def test_train_accepts_method_options_and_config_file(tmp_path):
+    out = tmp_path / "trades"
+    conf = tmp_path / "best.json"
+    conf.write_text(json.dumps({"epochs": 1, "attack_steps": 1, "val_attack_steps": 1, "options": {"beta": 2.0}}))
+    assert run_cli("train", "trades", "--config", conf, "--set", "beta=3", "--out", out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["options"] == {"beta": "3"} or cfg["train"]["options"]["beta"] in (3, 3.0, "3")
+    assert cfg["train"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "nope"], "unknown method 'nope'"),
+    (["train", "pgd-at", "--dataset", "imagenet1k"], "unknown dataset 'imagenet1k'"),
+    (["train", "pgd-at", "--eps", "-0.1"], "eps must be >= 0"),
+    (["train", "pgd-at", "--eps", "abc"], "eps must be float"),
+    (["train", "trades", "--set", "gamma=1"], "unknown option 'gamma'"),
+    (["train", "pgd-at", "--config", "/nonexistent.json"], "does not exist"),
+    (["evaluate", "/nonexistent/ckpt"], "does not exist"),
+    (["evaluate", "{ckpt}", "--attacks", "pgd7"], "unknown attack 'pgd7'"),
+])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, natural_ckpt, args, message):
+    args = [a.replace("{ckpt}", str(natural_ckpt)) for a in args]
+    assert run_cli(*args, *(["--out", tmp_path / "o"] if args[0] == "train" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_corrupt_config_json_via_the_real_entry_point(tmp_path):
+    (tmp_path / "config.json").write_text("{oops")
+    (tmp_path / "model.pt").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "raydefense", "evaluate", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # exactly one line
+    assert "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "eval.parquet").exists()
