@@ -26,6 +26,7 @@ class TrainConfig:
     eps: Optional[float] = None  # training budget in input scale; None: the dataset's standard eps
     attack_steps: int = 10  # PGD steps of the training attack
     attack_step_size: Optional[float] = None  # None: eps / 4
+    eps_warmup_epochs: float = 0.0  # ramp the training eps linearly from 0 over this many epochs
     epochs: int = 20
     batch_size: int = 128
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -59,6 +60,7 @@ HELP: dict[str, str] = {
     "eps": "training L-inf budget in input scale, e.g. 8/255 (default: the dataset's standard eps)",
     "attack_steps": "PGD steps of the training attack",
     "attack_step_size": "PGD step size (default eps/4)",
+    "eps_warmup_epochs": "ramp the training eps up linearly over this many epochs (stabilizes large eps)",
     "epochs": "training epochs",
     "batch_size": "training batch size",
     "optimizer": "sgd or adam",

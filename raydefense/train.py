@@ -176,6 +176,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
         sums: dict[str, float] = {}
         for b in range(n_batches):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
+            method.batch_in_epoch = b
             step_metrics = method.train_step(train_x[idx], train_y[idx])
             for k, v in step_metrics.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -56,6 +56,7 @@ class Method(ABC):
         self.ctx = ctx
         self.opts = build_dataclass(self.Options, ctx.cfg.options, where=f"{self.name} options")
         self.epoch = 0  # set by fit before each epoch, for schedules
+        self.batch_in_epoch = 0  # set by fit before each batch
         self.build()
         for module in self.modules().values():
             module.to(ctx.device)
@@ -100,12 +101,23 @@ class Method(ABC):
     def make_classifier(self, head: nn.Module | None = None) -> nn.Module:
         return build_classifier(self.ctx.arch, self.ctx.info, head)
 
-    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None = None) -> torch.Tensor:
-        """The configured PGD training attack (eval mode, input gradients only)."""
-        ctx = self.ctx
-        eps = ctx.eps if eps is None else eps
-        step = ctx.step_size if eps == ctx.eps else eps / 4
-        return pgd_ce(model, x, y, eps, ctx.cfg.attack_steps, step, generator=ctx.generator)
+    @property
+    def train_eps(self) -> float:
+        """The training budget now: ctx.eps, ramped up linearly during the eps warm-up."""
+        warmup = self.ctx.cfg.eps_warmup_epochs
+        if warmup <= 0:
+            return self.ctx.eps
+        progress = self.epoch + self.batch_in_epoch / max(1, self.ctx.steps_per_epoch)
+        return self.ctx.eps * min(1.0, progress / warmup)
+
+    @property
+    def train_step_size(self) -> float:
+        return self.ctx.step_size * self.train_eps / self.ctx.eps if self.ctx.eps > 0 else 0.0
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The configured PGD training attack at the current budget (eval mode, input gradients only)."""
+        return pgd_ce(model, x, y, self.train_eps, self.ctx.cfg.attack_steps, self.train_step_size,
+                      generator=self.ctx.generator)
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)

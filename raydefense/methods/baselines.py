@@ -82,7 +82,8 @@ class TRADES(SingleModelMethod):
 
     def loss(self, x, y):
         ctx = self.ctx
-        x_adv = trades_adversary(self.model, x, ctx.eps, ctx.cfg.attack_steps, ctx.step_size, ctx.generator)
+        x_adv = trades_adversary(self.model, x, self.train_eps, ctx.cfg.attack_steps, self.train_step_size,
+                                 ctx.generator)
         logits = self.model(x)
         logits_adv = self.model(x_adv)
         natural = F.cross_entropy(logits, y)
