@@ -26,7 +26,7 @@ class TrainConfig:
     eps: Optional[float] = None  # training budget in input scale; None: the dataset's standard eps
     attack_steps: int = 10  # PGD steps of the training attack
     attack_step_size: Optional[float] = None  # None: eps / 4
-    eps_warmup_epochs: float = 0.0  # ramp the training eps linearly from 0 over this many epochs
+    eps_warmup_epochs: Optional[float] = None  # ramp the training eps up over this many epochs (None: per dataset)
     epochs: int = 20
     batch_size: int = 128
     optimizer: Literal["sgd", "adam"] = "sgd"

@@ -105,6 +105,8 @@ class Method(ABC):
     def train_eps(self) -> float:
         """The training budget now: ctx.eps, ramped up linearly during the eps warm-up."""
         warmup = self.ctx.cfg.eps_warmup_epochs
+        if warmup is None:
+            warmup = self.ctx.info.default_eps_warmup
         if warmup <= 0:
             return self.ctx.eps
         progress = self.epoch + self.batch_in_epoch / max(1, self.ctx.steps_per_epoch)

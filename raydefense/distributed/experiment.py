@@ -1,0 +1,98 @@
+"""Run a Tune experiment of ``train_trial``s, resuming it if its directory already holds one.
+
+Used by ``sweep afs`` (a grid of budgets x seeds) and ``tune`` (an Optuna search). Results live
+under ``<storage>/<name>``: a local path or any URI Ray storage accepts (s3://, gs://, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raydefense.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def validate(self) -> None:
+        if self.cpus_per_trial <= 0:
+            raise UserError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0:
+            raise UserError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
+        if self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer():
+            raise UserError(f"--gpus-per-trial above 1 must be whole, got {self.gpus_per_trial}")
+
+    def as_tune(self) -> dict[str, float]:
+        out = {"cpu": self.cpus_per_trial}
+        if self.gpus_per_trial:
+            out["gpu"] = self.gpus_per_trial
+        return out
+
+
+@dataclass
+class ExperimentSpec:
+    name: str
+    storage: str  # absolute local path or URI
+    param_space: dict[str, Any]
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 2  # retries of a trial from its last checkpoint (e.g. a worker node died)
+    tune_config: Any = None  # ray.tune.TuneConfig (searcher, scheduler, num_samples...)
+    callbacks: list = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what must match to resume
+
+    @property
+    def path(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+def storage_uri(out: str | Path, storage: str | None) -> str:
+    """Where Ray keeps the experiment: --storage if given, else <out> as an absolute path."""
+    if storage:
+        return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    return str(Path(out).expanduser().resolve())
+
+
+def _check_fingerprint(out: Path, fingerprint: dict) -> None:
+    path = out / "request.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != json.loads(json.dumps(fingerprint)):
+            changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+            raise UserError(f"{out} holds a different experiment (differs in: {', '.join(changed)}); "
+                            "use another --out, or --fresh to start over")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+
+
+def run_experiment(spec: ExperimentSpec, out: Path, trainable_kwargs: dict[str, Any]):
+    """Fit (or resume) the experiment; returns Tune's ResultGrid."""
+    from ray import tune
+
+    from raydefense.distributed.trial import train_trial
+
+    spec.resources.validate()
+    _check_fingerprint(out, spec.fingerprint)
+    trainable = tune.with_resources(tune.with_parameters(train_trial, **trainable_kwargs), spec.resources.as_tune())
+    if tune.Tuner.can_restore(spec.path):
+        log.info("resuming experiment %s", spec.path)
+        tuner = tune.Tuner.restore(spec.path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=spec.param_space)
+    else:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        run_config = tune.RunConfig(
+            name=spec.name, storage_path=spec.storage, verbose=0, callbacks=spec.callbacks,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        tuner = tune.Tuner(trainable, param_space=spec.param_space, run_config=run_config,
+                           tune_config=spec.tune_config or tune.TuneConfig())
+    return tuner.fit()

@@ -1,0 +1,92 @@
+"""The function trainable every Tune experiment of raydefense runs: ``fit`` inside a trial.
+
+The dataset arrives through ``tune.with_parameters`` (put once in Ray's object store and shared by
+all trials). Each epoch is reported with the trial's checkpoint directory, so a restored trial
+continues from its last epoch; after training an optional ``post`` hook (e.g. AFS's Delta_z) adds
+final metrics in one last report with ``done_training=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def trial_device(gpus_per_trial: float) -> str:
+    """CUDA only when the trial was given a GPU share and one is physically visible."""
+    return "cuda" if gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+
+
+def run_post_hook(spec: str | None, ckpt_dir: Path, splits, options: dict) -> dict[str, float]:
+    if not spec:
+        return {}
+    module, fn = spec.split(":")
+    return getattr(importlib.import_module(module), fn)(ckpt_dir, splits, **options)
+
+
+def train_trial(config: dict[str, Any], splits=None) -> None:
+    """Tune function trainable. ``config``: {"train": TrainConfig dict, "post": "mod:fn" | None,
+    "post_options": {...}, "gpus_per_trial": float, "cpus_per_trial": float, ...grid keys}."""
+    from ray import tune
+
+    from raydefense.config import TrainConfig
+    from raydefense.train import fit
+
+    threads = max(1, int(config.get("cpus_per_trial", 1)))
+    torch.set_num_threads(threads)
+    cfg = TrainConfig.from_dict({**config["train"], "threads": threads,
+                                 "device": trial_device(config.get("gpus_per_trial", 0))})
+    work = Path(tempfile.mkdtemp(prefix="raydefense-trial-"))
+    try:
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            restored.to_directory(str(work))
+            log.info("trial %s resumes from its checkpoint", tune.get_context().get_trial_name())
+        if (work / "post.json").is_file():  # training and post hook both finished before a restart
+            import json
+
+            tune.report(json.loads((work / "post.json").read_text()),
+                        checkpoint=tune.Checkpoint.from_directory(str(work)))
+            return
+        resources = tune.get_context().get_trial_resources()
+        placement = {"gpu_ids": ",".join(map(str, _gpu_ids())), "trial_gpus": _bundle(resources, "GPU"),
+                     "trial_cpus": _bundle(resources, "CPU")}
+
+        def report(metrics: dict[str, float], ckpt_dir: Path) -> None:
+            tune.report({**metrics, **placement, "done_training": False},
+                        checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+
+        result = fit(cfg, work, splits=splits, reporter=report)
+        final = {**result.best, **placement, "epochs_run": len(result.history), "done_training": True,
+                 "best_epoch": result.best.get("epoch", 0)}
+        final.update(run_post_hook(config.get("post"), work, splits, config.get("post_options", {})))
+        import json
+
+        (work / "post.json").write_text(json.dumps(final))
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(work)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _gpu_ids() -> list:
+    import ray
+
+    try:
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - outside a worker there are none
+        return []
+
+
+def _bundle(resources, key: str) -> float:
+    try:
+        return float(resources.required_resources.get(key, 0.0))
+    except AttributeError:
+        return 0.0
