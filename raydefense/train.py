@@ -54,6 +54,7 @@ class FitResult:
     best: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    start_epoch: int = 0  # > 0 when this call resumed an interrupted run
 
 
 def seed_everything(seed: int) -> None:
@@ -163,6 +164,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
 
+    resumed_at = start_epoch
     if progress is not None:
         progress.start((cfg.epochs - start_epoch) * n_batches, f"{cfg.method} eps={ctx.eps:.4g}")
     stale = _epochs_since_best(history, select) if history else 0
@@ -225,7 +227,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     config = read_config(out_dir)
     config.update(finished=True, best=best, epochs_run=len(history), stopped_early=stopped_early)
     atomic_write_json(out_dir / CONFIG, config)
-    return FitResult(out_dir, best, history, stopped_early)
+    return FitResult(out_dir, best, history, stopped_early, resumed_at)
 
 
 def _epochs_since_best(history: list[dict], select: str) -> int:

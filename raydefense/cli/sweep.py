@@ -1,1 +1,81 @@
+"""``raydefense sweep afs``: the AFS extractors, one PGD-AT training per budget, in parallel on Ray."""
 
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from raydefense.cli import app
+from raydefense.cli.options import dataclass_options
+from raydefense.config import TrainConfig, build_dataclass
+
+sweep_app = typer.Typer(no_args_is_help=True, help="Train many models in parallel on Ray Tune.")
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("afs")
+@dataclass_options(TrainConfig, exclude=("method", "eps", "seed", "threads", "device"))
+def sweep_afs(
+    budgets: str = typer.Option("0..9", help="training budgets k (eps = k x eps_unit): 0..9, 3..8, 0,2,4, 0..9:2"),
+    seeds: str = typer.Option("0", help="repeat every budget for these seeds: 0,1,2"),
+    eps_unit: Optional[str] = typer.Option(None, help="one budget step, e.g. 1/255 [default: standard eps / 8]"),
+    eval_eps: Optional[str] = typer.Option(None, help="budget for PGD and Delta_z [default: standard eps]"),
+    out: Path = typer.Option(Path("runs/afs"), help="sweep directory (resumed if it holds this sweep)"),
+    cpus_per_trial: float = typer.Option(1.0, help="CPUs reserved per trial"),
+    gpus_per_trial: float = typer.Option(0.0, help="GPUs per trial; fractions such as 0.25 pack trials on a GPU"),
+    address: Optional[str] = typer.Option(None, help="join this Ray cluster (host:port or auto) [env RAY_ADDRESS]"),
+    storage: Optional[str] = typer.Option(None, help="results location: a path or a URI Ray storage accepts (s3://...)"),
+    max_failures: int = typer.Option(2, help="retries of a failed trial from its last checkpoint"),
+    fresh: bool = typer.Option(False, help="delete OUT first instead of resuming"),
+    overrides: dict = None,
+) -> None:
+    """Train one PGD-AT extractor per budget (x seed) in parallel; writes OUT/sweep.parquet."""
+    from raydefense.afs import select_concave
+    from raydefense.budgets import parse_budgets, parse_seeds
+    from raydefense.cli.ui import TrialsDisplay, TuneProgressCallback, console
+    from raydefense.data import format_eps, load_splits, parse_eps
+    from raydefense.distributed.cluster import ray_cluster
+    from raydefense.distributed.experiment import Resources
+    from raydefense.report import rich_table
+    from raydefense.sweep import SweepRequest, mean_by_budget, run_afs_sweep
+
+    budget_list, seed_list = parse_budgets(budgets), parse_seeds(seeds)
+    cfg = build_dataclass(TrainConfig, {**(overrides or {}), "method": "pgd-at"}, where="sweep afs")
+    splits = load_splits(cfg.dataset, cfg.data_dir)
+    resources = Resources(cpus_per_trial, gpus_per_trial)
+    resources.validate()
+    req = SweepRequest(budget_list, seed_list, cfg, out, parse_eps(eps_unit) if eps_unit else None,
+                       parse_eps(eval_eps) if eval_eps else None, resources, storage, max_failures)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    unit = req.eps_unit if req.eps_unit is not None else splits.info.eps_unit
+    console.print(f"AFS sweep on {splits.info.name}: budgets {', '.join(f'{b:g}' for b in budget_list)} "
+                  f"(eps_unit {format_eps(unit)}), seeds {seed_list}, {cfg.epochs} epochs, -> {out}")
+
+    def label(config: dict) -> str:
+        return f"budget {config['point']['budget']:g} seed {config['train.seed']}"
+
+    with ray_cluster(address) as ray_info:
+        if ray_info.get("dashboard_url"):
+            console.print(f"Ray dashboard: {ray_info['dashboard_url']}")
+        with TrialsDisplay(len(budget_list) * len(seed_list), cfg.epochs, label):
+            outcome = run_afs_sweep(req, splits, callbacks=[TuneProgressCallback()])
+
+    if outcome.unfinished:
+        console.print(f"[yellow]interrupted: {outcome.unfinished} trial(s) unfinished; run the same command "
+                      "again to resume from their checkpoints[/]")
+        sys.exit(130)
+    table = mean_by_budget(outcome.rows)
+    console.print(rich_table(table, ["budget", "eps", "seeds", "clean_acc", "pgd10_acc", "pgd20_acc", "delta_z"],
+                             title=f"Table 1: AFS extractors on {splits.info.name} (validation split)"))
+    if len(table) >= 3:
+        sel = select_concave([r["budget"] for r in table], [r["delta_z"] for r in table])
+        console.print(f"selection rule (Delta_z concave in the budget) keeps: {', '.join(f'{b:g}' for b in sel.kept)}")
+    console.print(f"wrote {outcome.table} and {outcome.plot}")
+    if outcome.errors:
+        console.print("[red]failed trials:[/]\n  " + "\n  ".join(outcome.errors))
+        sys.exit(1)

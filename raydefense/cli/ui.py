@@ -36,3 +36,65 @@ class RichFitProgress:
     def advance(self, batches: int, metrics: dict | None = None) -> None:
         status = " ".join(f"{k}={v:.3f}" for k, v in (metrics or {}).items() if "loss" in k)[:60]
         self.progress.update(self.task, advance=batches, status=status)
+
+
+# --------------------------------------------------------------------------------------------
+# Live display of a Tune experiment. Tune pickles callbacks with the experiment state, so the
+# callback holds no display itself: it forwards events to the display of the current process.
+
+_ACTIVE_DISPLAY: "TrialsDisplay | None" = None
+
+try:
+    from ray.tune import Callback as _TuneCallback
+except ImportError:  # pragma: no cover - ray is a dependency
+    _TuneCallback = object
+
+
+class TuneProgressCallback(_TuneCallback):
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if _ACTIVE_DISPLAY is not None:
+            _ACTIVE_DISPLAY.result(trial.trial_id, trial.config, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if _ACTIVE_DISPLAY is not None:
+            _ACTIVE_DISPLAY.finish(trial.trial_id, trial.config, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if _ACTIVE_DISPLAY is not None:
+            _ACTIVE_DISPLAY.finish(trial.trial_id, trial.config, "[red]error")
+
+
+class TrialsDisplay:
+    """One bar per trial (epochs) and one for the experiment (trials finished)."""
+
+    def __init__(self, total_trials: int, epochs: int, label):
+        self.progress = make_progress()
+        self.total = self.progress.add_task("trials finished", total=total_trials, status="")
+        self.epochs, self.label, self.tasks = epochs, label, {}
+
+    def __enter__(self) -> "TrialsDisplay":
+        global _ACTIVE_DISPLAY
+        _ACTIVE_DISPLAY = self
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE_DISPLAY
+        _ACTIVE_DISPLAY = None
+        self.progress.stop()
+
+    def _task(self, trial_id: str, config: dict):
+        if trial_id not in self.tasks:
+            self.tasks[trial_id] = self.progress.add_task(self.label(config), total=self.epochs, status="")
+        return self.tasks[trial_id]
+
+    def result(self, trial_id: str, config: dict, result: dict) -> None:
+        task = self._task(trial_id, config)
+        status = " ".join(f"{k[4:]}={result[k]:.3f}" for k in ("val_clean_acc", "val_robust_acc") if k in result)
+        if result.get("done_training"):
+            status = f"Delta_z={result['delta_z']:.3f}" if "delta_z" in result else "evaluated"
+        self.progress.update(task, completed=result.get("epochs_run", result.get("epoch", 0)), status=status)
+
+    def finish(self, trial_id: str, config: dict, status: str) -> None:
+        self.progress.update(self._task(trial_id, config), completed=self.epochs, status=status)
+        self.progress.advance(self.total)

@@ -89,6 +89,8 @@ def run_experiment(spec: ExperimentSpec, out: Path, trainable_kwargs: dict[str, 
                                    param_space=spec.param_space)
     else:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # one checkpoint per epoch is the point of resuming; Tune's warning about it is noise here
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         run_config = tune.RunConfig(
             name=spec.name, storage_path=spec.storage, verbose=0, callbacks=spec.callbacks,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),

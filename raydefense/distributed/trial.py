@@ -32,9 +32,28 @@ def run_post_hook(spec: str | None, ckpt_dir: Path, splits, options: dict) -> di
     return getattr(importlib.import_module(module), fn)(ckpt_dir, splits, **options)
 
 
+def merged_train_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Apply a trial's sampled values to the base TrainConfig dict.
+
+    Keys ``train.<field>`` set a TrainConfig field and ``options.<name>`` a method option, at the
+    top level (what searchers sample) or inside a ``point`` dict (a grid over coupled values, e.g.
+    an AFS budget and its eps).
+    """
+    train = dict(config["train"])
+    train["options"] = dict(train.get("options", {}))
+    flat = {**config, **config.get("point", {})}
+    for key, value in flat.items():
+        if key.startswith("train."):
+            train[key[len("train."):]] = value
+        elif key.startswith("options."):
+            train["options"][key[len("options."):]] = value
+    return train
+
+
 def train_trial(config: dict[str, Any], splits=None) -> None:
     """Tune function trainable. ``config``: {"train": TrainConfig dict, "post": "mod:fn" | None,
-    "post_options": {...}, "gpus_per_trial": float, "cpus_per_trial": float, ...grid keys}."""
+    "post_options": {...}, "gpus_per_trial": float, "cpus_per_trial": float, and sampled values
+    (see ``merged_train_config``)}."""
     from ray import tune
 
     from raydefense.config import TrainConfig
@@ -42,7 +61,7 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
 
     threads = max(1, int(config.get("cpus_per_trial", 1)))
     torch.set_num_threads(threads)
-    cfg = TrainConfig.from_dict({**config["train"], "threads": threads,
+    cfg = TrainConfig.from_dict({**merged_train_config(config), "threads": threads,
                                  "device": trial_device(config.get("gpus_per_trial", 0))})
     work = Path(tempfile.mkdtemp(prefix="raydefense-trial-"))
     try:
@@ -66,7 +85,7 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
 
         result = fit(cfg, work, splits=splits, reporter=report)
         final = {**result.best, **placement, "epochs_run": len(result.history), "done_training": True,
-                 "best_epoch": result.best.get("epoch", 0)}
+                 "best_epoch": result.best.get("epoch", 0), "resumed_from_epoch": result.start_epoch}
         final.update(run_post_hook(config.get("post"), work, splits, config.get("post_options", {})))
         import json
 
