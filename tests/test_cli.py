@@ -53,10 +53,18 @@ def test_train_accepts_method_options_and_config_file(tmp_path):
     (["train", "pgd-at", "--config", "/nonexistent.json"], "does not exist"),
     (["evaluate", "/nonexistent/ckpt"], "does not exist"),
     (["evaluate", "{ckpt}", "--attacks", "pgd7"], "unknown attack 'pgd7'"),
+    (["sweep", "afs", "--budgets", "9..0"], "runs backwards"),
+    (["sweep", "afs", "--budgets", "0..x"], "cannot read budget"),
+    (["sweep", "afs", "--cpus-per-trial", "0"], "must be > 0"),
+    (["sweep", "afs", "--gpus-per-trial", "1.5"], "must be whole"),
+    (["sweep", "afs", "--dataset", "nope"], "unknown dataset 'nope'"),
+    (["sweep", "afs", "--address", "127.0.0.1:1"], "does not answer"),
+    (["stack", "afs", "/nonexistent/sweep"], "holds no sweep.parquet"),
+    (["stack", "afs", "/nonexistent/sweep", "--alpha", "2"], "must lie in [0, 1]"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, natural_ckpt, args, message):
     args = [a.replace("{ckpt}", str(natural_ckpt)) for a in args]
-    assert run_cli(*args, *(["--out", tmp_path / "o"] if args[0] == "train" else [])) == 2
+    assert run_cli(*args, *(["--out", tmp_path / "o"] if args[0] in ("train", "sweep") else [])) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "o" / "config.json").exists()
