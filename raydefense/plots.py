@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def sweep_plot(budgets: Sequence[float], clean: Sequence[float], pgd: Sequence[float], dz: Sequence[float],
                path: str | Path, title: str, eps_label: str) -> Path:
     """Clean and PGD-20 accuracy (left axis) and Delta_z (right axis) against the training budget."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.plot(budgets, clean, "o-", label="clean accuracy")
     ax.plot(budgets, pgd, "s-", label=f"PGD-20 accuracy @ {eps_label}")
     ax.set_xlabel("training budget k (eps = k x eps_unit)")
@@ -26,9 +26,9 @@ def sweep_plot(budgets: Sequence[float], clean: Sequence[float], pgd: Sequence[f
     ax2.set_ylabel("Delta_z (logit shift)", color="tab:red")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    fig.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower center", ncol=3, fontsize=8, frameon=False)
     ax.set_title(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
