@@ -117,10 +117,11 @@ def load_method(ckpt_dir: str | Path, device: str | torch.device = "cpu"):
     if config["kind"] != "method":
         raise CheckpointError(f"{ckpt_dir} holds a {config['kind']!r}, not a trained method")
     weights = safe_torch_load(Path(ckpt_dir) / WEIGHTS, map_location=device)
-    return _method_from(Path(ckpt_dir), config, weights, torch.device(device))
+    return method_from_weights(Path(ckpt_dir), config, weights, torch.device(device))
 
 
-def _method_from(ckpt_dir: Path, config: dict, weights: dict, device: torch.device):
+def method_from_weights(ckpt_dir: Path, config: dict, weights: dict, device: torch.device):
+    """Rebuild a trained Method from its config.json and loaded weights (modules in eval mode)."""
     from raydefense.config import TrainConfig
     from raydefense.data import DatasetInfo
     from raydefense.methods import MethodContext, build_method
@@ -138,7 +139,7 @@ def _method_from(ckpt_dir: Path, config: dict, weights: dict, device: torch.devi
 
 
 def load_method_model(ckpt_dir: Path, config: dict, weights: dict, device: torch.device) -> nn.Module:
-    return _method_from(ckpt_dir, config, weights, device).inference_module()
+    return method_from_weights(ckpt_dir, config, weights, device).inference_module()
 
 
 def module_states(modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:

@@ -22,6 +22,7 @@ class TrainConfig:
     method: str = "pgd-at"
     dataset: str = "digits"
     data_dir: Optional[str] = None
+    download: bool = False  # fetch a torchvision dataset into data_dir when it is missing (online only)
     arch: Optional[str] = None  # None: the dataset's default backbone
     eps: Optional[float] = None  # training budget in input scale; None: the dataset's standard eps
     attack_steps: int = 10  # PGD steps of the training attack
@@ -56,6 +57,7 @@ HELP: dict[str, str] = {
     "method": "defense to train",
     "dataset": "named dataset (digits works offline)",
     "data_dir": "where torchvision datasets live",
+    "download": "download a torchvision dataset into --data-dir if missing (needs network)",
     "arch": "backbone: small-cnn, preact-resnet18, wrn-28-10, wrn-34-10 (default: per dataset)",
     "eps": "training L-inf budget in input scale, e.g. 8/255 (default: the dataset's standard eps)",
     "attack_steps": "PGD steps of the training attack",

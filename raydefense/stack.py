@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydefense.attacks import pgd_ce
-from raydefense.checkpoint import (CheckpointError, _method_from, read_config, safe_torch_load, save_checkpoint)
+from raydefense.checkpoint import method_from_weights, read_config, safe_torch_load, save_checkpoint
 from raydefense.data import DatasetInfo, Splits
-from raydefense.errors import UserError
+from raydefense.errors import CheckpointError, UserError
 from raydefense.provenance import provenance
 from raydefense.train import accuracy, lr_multiplier, robust_accuracy, seed_everything
 
@@ -79,7 +79,7 @@ def load_extractor(ckpt_dir: Path, device: torch.device) -> tuple[nn.Module, dic
     if config["kind"] != "method":
         raise CheckpointError(f"{ckpt_dir} is not a trained extractor (kind {config['kind']!r})")
     weights = safe_torch_load(Path(ckpt_dir) / "model.pt", map_location=device)
-    model = _method_from(Path(ckpt_dir), config, weights, device).inference_module()
+    model = method_from_weights(Path(ckpt_dir), config, weights, device).inference_module()
     if not hasattr(model, "features") or not hasattr(getattr(model, "backbone", None), "out_dim"):
         raise CheckpointError(f"{ckpt_dir}: its model exposes no features() to stack")
     return model.eval(), config

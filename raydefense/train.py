@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], Path], None]
 METRICS_FILE = "metrics.jsonl"
 # Fields that may differ between a run and its resumption without changing what is trained.
-_RESUME_IGNORES = ("threads", "device", "data_dir")
+_RESUME_IGNORES = ("threads", "device", "data_dir", "download")
 
 
 class ProgressSink(Protocol):
@@ -129,7 +129,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    splits = splits or load_splits(cfg.dataset, cfg.data_dir)
+    splits = splits or load_splits(cfg.dataset, cfg.data_dir, cfg.download)
     train_x, train_y = (t.to(device) for t in splits.train.tensors())
     val_x, val_y = (t.to(device) for t in splits.val.tensors())
     n_batches = math.ceil(len(train_y) / cfg.batch_size)

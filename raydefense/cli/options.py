@@ -28,9 +28,12 @@ def dataclass_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable:
         for f in names:
             default = f.default if f.default is not MISSING else None
             shown = "per dataset" if default is None else default
+            flag = "--" + f.name.replace("_", "-")
+            is_bool = f.type in (bool, "bool")
+            spelled = (f"{flag}/--no-{flag[2:]}",) if is_bool else (flag,)
             extra.append(inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                default=typer.Option(None, "--" + f.name.replace("_", "-"), show_default=False,
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool] if is_bool else Optional[str],
+                default=typer.Option(None, *spelled, show_default=False,
                                      help=f"{HELP.get(f.name, '')} [default: {shown}]", rich_help_panel="Training")))
 
         @functools.wraps(func)

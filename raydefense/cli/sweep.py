@@ -45,7 +45,7 @@ def sweep_afs(
 
     budget_list, seed_list = parse_budgets(budgets), parse_seeds(seeds)
     cfg = build_dataclass(TrainConfig, {**(overrides or {}), "method": "pgd-at"}, where="sweep afs")
-    splits = load_splits(cfg.dataset, cfg.data_dir)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download)
     resources = Resources(cpus_per_trial, gpus_per_trial)
     resources.validate()
     req = SweepRequest(budget_list, seed_list, cfg, out, parse_eps(eps_unit) if eps_unit else None,
