@@ -160,3 +160,17 @@ def test_curves_cli_writes_tables_and_plot(natural_ckpt, tmp_path):
                                                       ("pgd-l2", 0.0), ("pgd-l2", 0.5)}
     assert (out / "curves.png").stat().st_size > 1000 and len(read_parquet(out / "auc.parquet")) == 1
     assert run_cli("curves", natural_ckpt, "--attacks", "cw") == 2
+
+
+def test_apgd_ce_training_attack_stays_in_the_ball_and_leaves_global_rng_alone(digits):
+    method = _method(digits, attack="apgd-ce")
+    x, y = digits.train.tensors()
+    x, y = x[:32], y[:32]
+    state = torch.random.get_rng_state()
+    x_adv = method.adversarial(x, y)
+    assert torch.equal(torch.random.get_rng_state(), state)  # APGD reseeds the global RNG: forked away
+    assert (x_adv - x).abs().max() <= method.ctx.eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert method.model.training  # the attack ran in eval mode and restored the mode
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy
+        assert loss(method.model(x_adv), y) > loss(method.model(x), y)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,10 @@ class AFDOptions:
     gp_weight: float = 0.0  # WGAN gradient penalty on interpolated features (0: none, the paper's form)
     attack: Literal["pgd", "apgd-ce"] = "pgd"  # training attack (paper: adaptive PGD)
     update_features: bool = True  # False disables update 3 (an ablation: CE on clean data + a passive D)
+    # F(x) = feature_scale * unit-norm features (None: sqrt(feature dim), unit RMS per dimension).
+    # With scale 1 the logits start near 0, L_C's gradient is too weak against L_F, and the
+    # 1-Lipschitz (spectral-norm) D can only output differences of the size of the features.
+    feature_scale: Optional[float] = None
 
 
 @dataclass
@@ -49,24 +53,18 @@ class AFDWganOptions(AFDOptions):
     form: Literal["dcgan", "wgan"] = "wgan"
 
 
-class L2Normalize(nn.Module):
-    """Unit-norm features (the ref. code's activation normalization before C and D)."""
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.normalize(z, dim=1)
-
-
 class NormalizedBackbone(nn.Module):
-    """A backbone whose output is L2-normalized; keeps ``blocks`` and ``out_dim`` of the backbone."""
+    """A backbone whose output is L2-normalized to a fixed norm ``scale`` (the ref. code's activation
+    normalization before C and D); keeps the backbone's ``blocks`` and ``out_dim``."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, scale: float = 1.0):
         super().__init__()
         self.blocks = backbone.blocks
         self.out_dim = backbone.out_dim
-        self.norm = L2Normalize()
+        self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(x))
+        return self.scale * F.normalize(self.blocks(x), dim=1)
 
 
 class ProjectionDiscriminator(nn.Module):
@@ -146,7 +144,9 @@ class AFD(Method):
     # -- modules -------------------------------------------------------------------------------
     def build(self) -> None:
         info = self.ctx.info
-        backbone = NormalizedBackbone(build_backbone(self.ctx.arch, info))
+        raw = build_backbone(self.ctx.arch, info)
+        self.feature_scale = self.opts.feature_scale if self.opts.feature_scale is not None else raw.out_dim ** 0.5
+        backbone = NormalizedBackbone(raw, self.feature_scale)
         self.model = Classifier(backbone, nn.Linear(backbone.out_dim, info.num_classes), info)
         self.disc = ProjectionDiscriminator(backbone.out_dim, info.num_classes, self.opts.disc_width)
 
@@ -223,7 +223,8 @@ class AFD(Method):
     # -- diagnostics ---------------------------------------------------------------------------
     def epoch_diagnostics(self, val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
         """D's accuracy on clean vs adversarial val features, the H-divergence estimate
-        2 * |2 * acc - 1| (paper Eq. 6 / Fig. 3) and the feature sensitivity mean ||F(x) - F(x')||."""
+        2 * |2 * acc - 1| (paper Eq. 6 / Fig. 3) and the feature sensitivity mean ||F(x) - F(x')||
+        measured on the unit sphere (divided by feature_scale; 2 is the maximum)."""
         d_clean, d_adv, dist = [], [], []
         with eval_mode(self.model, self.disc):
             for i in range(0, len(val_y), batch_size):
@@ -233,7 +234,7 @@ class AFD(Method):
                     z, za = self.model.features(xb), self.model.features(xa)
                     d_clean.append(self.disc(z, yb))
                     d_adv.append(self.disc(za, yb))
-                    dist.append((z - za).norm(dim=1))
+                    dist.append((z - za).norm(dim=1) / self.feature_scale)
         acc = discriminator_accuracy(torch.cat(d_clean), torch.cat(d_adv), self.opts.form)
         return {"val_disc_acc": acc, "val_h_divergence": 2 * abs(2 * acc - 1),
                 "val_feature_sensitivity": float(torch.cat(dist).mean())}
