@@ -84,9 +84,10 @@ def resolve_curve_attacks(spec: str | Sequence[str]) -> list[CurveAttack]:
 
 
 def default_eps_list(norm: str, standard_eps: float, num_pixels: int, points: int = 9) -> list[float]:
-    """0 .. 2x the dataset's standard budget (L-inf), or 0 .. 2x the L2 radius of the standard
-    L-inf cube's corner, standard_eps * sqrt(num_pixels) (L2): wide enough to reach ~0 accuracy."""
-    top = 2 * standard_eps * (1.0 if norm == "linf" else math.sqrt(num_pixels))
+    """0 .. 2x the dataset's standard budget (L-inf), or 0 .. the L2 radius of the standard L-inf
+    cube's corner, standard_eps * sqrt(num_pixels) (L2): wide enough to reach ~0 accuracy
+    (measured on digits: PGD-AT models fall to ~0 at 1.75x (L-inf) and 0.75x (L2) of these)."""
+    top = standard_eps * (2.0 if norm == "linf" else math.sqrt(num_pixels))
     return [top * i / (points - 1) for i in range(points)]
 
 
