@@ -28,11 +28,11 @@ def _eps_list(text: Optional[str]) -> Optional[list[float]]:
 def curves(
     checkpoints: list[Path] = typer.Argument(..., help="checkpoint directories to compare"),
     attacks: str = typer.Option(",".join(DEFAULT_CURVE_ATTACKS), help="comma list of pgd, pgd-l2, fgsm, mim"),
-    eps_list: Optional[str] = typer.Option(None, help="L-inf budgets, e.g. 0,1/16,2/16 [default: 9 points, 0..2x "
-                                                      "the dataset's standard eps]"),
-    l2_eps_list: Optional[str] = typer.Option(None, help="L2 budgets for pgd-l2 [default: 9 points, 0.."
-                                                         "standard eps * sqrt(pixels)]"),
-    n: Optional[int] = typer.Option(None, help="use the first N samples of the split [default: all]"),
+    eps_list: Optional[str] = typer.Option(None, help="L-inf budgets, e.g. 0,1/16,2/16 (default: 9 points, 0..2x "
+                                                      "the dataset's standard eps)"),
+    l2_eps_list: Optional[str] = typer.Option(None, help="L2 budgets for pgd-l2 (default: 9 points, 0.."
+                                                         "standard eps * sqrt(pixels))"),
+    n: Optional[int] = typer.Option(None, help="use the first N samples of the split (default: all)"),
     out: Path = typer.Option(Path("curves"), help="directory for curves.parquet, auc.parquet, curves.png"),
     split: str = typer.Option("test", help="test (default) or val"),
     batch_size: int = typer.Option(256),
