@@ -13,6 +13,8 @@ REGISTRY: dict[str, str] = {
     "pgd-at": "raydefense.methods.baselines:PGDAT",
     "trades": "raydefense.methods.baselines:TRADES",
     "mart": "raydefense.methods.baselines:MART",
+    "afd-dcgan": "raydefense.methods.afd:AFD",
+    "afd-wgan": "raydefense.methods.afd:AFDWgan",
 }
 
 
