@@ -13,6 +13,9 @@ REGISTRY: dict[str, str] = {
     "pgd-at": "raydefense.methods.baselines:PGDAT",
     "trades": "raydefense.methods.baselines:TRADES",
     "mart": "raydefense.methods.baselines:MART",
+    "er": "raydefense.methods.er:ERClassifier",
+    "er-": "raydefense.methods.er:ERMinus",
+    "er-trades": "raydefense.methods.er:ERTrades",
 }
 
 
