@@ -207,6 +207,7 @@ class ERMinus(ERClassifier):
 
     name = "er-"
     adversarial = False
+    selection_metric = "val_clean_acc"  # no attack in training: keep the most accurate epoch (as natural)
 
     def classification_loss(self, x, y):
         logits = self.net(x)
