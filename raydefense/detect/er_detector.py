@@ -212,7 +212,9 @@ def tsne_plot(net: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Ten
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.scatter(emb[:n, 0], emb[:n, 1], c=labels, cmap="tab10", s=8, marker="o", label="clean")
     ax.scatter(emb[n:, 0], emb[n:, 1], c=labels, cmap="tab10", s=14, marker="x", label="adversarial")
-    ax.legend(loc="best")
+    legend = ax.legend(loc="best")
+    for handle in legend.legend_handles:  # the legend shows the marker, not one class's colour
+        handle.set_color("black")
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
