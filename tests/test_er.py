@@ -129,6 +129,10 @@ def test_detector_pipeline_matches_a_hand_computed_example():
     for r in rows:
         assert {key: r[key] for key in expected} == pytest.approx(expected)
         assert r["n_adv"] == len(second) == 120
+        far_right = int(((k == 0) & (test_y.numpy()[second] == 1)).sum())  # far points are predicted class 1
+        assert r["acc_plain"] == pytest.approx((n1 + far_right) / len(second))
+
+
 
 
 def test_detect_cli_writes_the_table_and_refuses_other_checkpoints(digits, tmp_path, capsys):

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 FEATURES = ("er1", "er2")
 BANDWIDTHS = tuple(float(b) for b in np.logspace(-1.5, 1.0, 11))  # on standardized features
-TABLE_COLUMNS = ("train_attack", "test_attack", "detector", "acc_nadv", "acc_adv", "acc_cla", "acc_com", "auroc",
+TABLE_COLUMNS = ("train_attack", "test_attack", "detector", "acc_nadv", "acc_adv", "acc_cla", "acc_com", "acc_plain",
+                 "auroc",
                  "bandwidth", "n_adv", "n_nat")
 
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, "torch.Generator | None"], torch.Tensor]
@@ -191,6 +192,7 @@ def detection_tables(net: nn.Module, data: DetectionData, train_attacks: Iterabl
                 correct = pred_adv[te][second] == y[second]
                 rows.append({"train_attack": ta, "test_attack": te, "detector": kind,
                              **er_table4(flag_adv, correct, flag_nat),
+                             "acc_plain": float(correct.mean()),  # the classifier alone: what acc_com improves on
                              "auroc": auroc(det.prob(s_adv[te][second]), det.prob(s_nat[second])),
                              "bandwidth": kde.bandwidth, "n_adv": int(len(second)), "n_nat": int(len(second))})
     return rows
