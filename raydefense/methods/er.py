@@ -14,7 +14,7 @@ adversarial for ``er`` and ``er-trades``, clean for ``er-`` (Algorithm 1 regular
 adversarial codes; regularizing both keeps the clean codes on the prior too).
 
 Code size defaults: 16 for colour images and 4 for 1-channel 28x28 images (ref. code); 8 for 8x8
-digits (4 dimensions lost ~2 points of clean accuracy in our digits runs, 8 did not).
+digits (a choice between the two, not tuned; ``code_dim`` is an option for ``raydefense tune``).
 """
 
 from __future__ import annotations
