@@ -54,7 +54,8 @@ def detection_attack(name: str) -> AttackFn:
         return _cw
     key = {"pgd": "pgd20"}.get(name, name)
     if key not in ATTACKS or key == "clean":
-        raise UserError(f"unknown detection attack {name!r}; choose fgsm, pgd, cw or one of {', '.join(ATTACKS)}")
+        raise UserError(f"unknown detection attack {name!r}; choose fgsm, pgd, cw or one of "
+                        f"{', '.join(a for a in ATTACKS if a != 'clean')}")
     return ATTACKS[key].fn
 
 
