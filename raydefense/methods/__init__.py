@@ -15,6 +15,9 @@ REGISTRY: dict[str, str] = {
     "mart": "raydefense.methods.baselines:MART",
     "afd-dcgan": "raydefense.methods.afd:AFD",
     "afd-wgan": "raydefense.methods.afd:AFDWgan",
+    "er": "raydefense.methods.er:ERClassifier",
+    "er-": "raydefense.methods.er:ERMinus",
+    "er-trades": "raydefense.methods.er:ERTrades",
 }
 
 

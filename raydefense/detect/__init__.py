@@ -1,0 +1,1 @@
+"""Adversarial-example detectors built on trained models (ER-Detector)."""
