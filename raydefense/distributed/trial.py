@@ -77,7 +77,7 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
             return
         resources = tune.get_context().get_trial_resources()
         placement = {"gpu_ids": ",".join(map(str, _gpu_ids())), "trial_gpus": _bundle(resources, "GPU"),
-                     "trial_cpus": _bundle(resources, "CPU")}
+                     "trial_cpus": _bundle(resources, "CPU"), "node_id": _node_id()}
 
         def report(metrics: dict[str, float], ckpt_dir: Path) -> None:
             tune.report({**metrics, **placement, "done_training": False},
@@ -102,6 +102,16 @@ def _gpu_ids() -> list:
         return list(ray.get_gpu_ids())
     except Exception:  # noqa: BLE001 - outside a worker there are none
         return []
+
+
+def _node_id() -> str:
+    """The Ray node this attempt runs on: shows where trials landed and where a retry went."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return ""
 
 
 def _bundle(resources, key: str) -> float:
