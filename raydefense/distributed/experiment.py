@@ -54,10 +54,37 @@ class ExperimentSpec:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
 
+# URI schemes pyarrow.fs (Ray's storage layer) understands; checked offline, before any upload.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "az", "file", "mock", "memory")
+
+
+def check_storage(storage: str | None) -> None:
+    """Refuse a --storage Ray could not write to, before the experiment starts."""
+    if not storage:
+        return
+    if "://" in storage:
+        scheme = storage.split("://", 1)[0].lower()
+        if scheme not in STORAGE_SCHEMES:
+            raise UserError(f"--storage {storage!r}: unknown scheme {scheme}://; use a local path or one of "
+                            + ", ".join(f"{s}://" for s in STORAGE_SCHEMES[:5]))
+        if not storage.split("://", 1)[1].strip("/"):
+            raise UserError(f"--storage {storage!r} names no bucket or path")
+        return
+    path = Path(storage).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--storage {storage} is a file, not a directory")
+    parent = next((p for p in [path, *path.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise UserError(f"--storage {storage}: {parent} is not writable")
+
+
 def storage_uri(out: str | Path, storage: str | None) -> str:
-    """Where Ray keeps the experiment: --storage if given, else <out> as an absolute path."""
+    """Where Ray keeps the experiment: ``<storage>/<out's name>`` if --storage is given (so that
+    sweeps sharing one bucket do not share one experiment), else <out> as an absolute path."""
     if storage:
-        return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+        check_storage(storage)
+        base = storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
+        return f"{base}/{Path(out).expanduser().resolve().name}"
     return str(Path(out).expanduser().resolve())
 
 
