@@ -28,6 +28,8 @@ def sweep_afs(
     out: Path = typer.Option(Path("runs/afs"), help="sweep directory (resumed if it holds this sweep)"),
     cpus_per_trial: float = typer.Option(1.0, help="CPUs reserved per trial"),
     gpus_per_trial: float = typer.Option(0.0, help="GPUs per trial; fractions such as 0.25 pack trials on a GPU"),
+    workers_per_trial: int = typer.Option(1, help="> 1: each trial is a Ray Train TorchTrainer of N data-parallel "
+                                          "workers, each with --cpus-per-trial / --gpus-per-trial"),
     address: Optional[str] = typer.Option(None, help="join this Ray cluster (host:port or auto) [env RAY_ADDRESS]"),
     storage: Optional[str] = typer.Option(None, help="results location: a path or a URI Ray storage accepts (s3://...)"),
     max_failures: int = typer.Option(2, help="retries of a failed trial (e.g. its node died) from its last checkpoint; -1: no limit"),
@@ -57,7 +59,7 @@ def sweep_afs(
     dashboard_host = check_dashboard_host(dashboard_host)
     cfg = build_dataclass(TrainConfig, {**(overrides or {}), "method": "pgd-at"}, where="sweep afs")
     splits = load_splits(cfg.dataset, cfg.data_dir)
-    resources = Resources(cpus_per_trial, gpus_per_trial)
+    resources = Resources(cpus_per_trial, gpus_per_trial, workers_per_trial)
     resources.validate()
     req = SweepRequest(budget_list, seed_list, cfg, out, parse_eps(eps_unit) if eps_unit else None,
                        parse_eps(eval_eps) if eval_eps else None, resources, storage, max_failures)

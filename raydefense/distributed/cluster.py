@@ -29,6 +29,8 @@ def _probe(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve the cluster host {host!r} in {address} ({exc.strerror or exc})") from None
     except ConnectionRefusedError:
         raise UserError(f"no Ray cluster at {address}: connection refused (is the head node up? "
                         "ray start --head listens on 6379 by default)") from None

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class Resources:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1  # > 1: a Ray Train TorchTrainer of N data-parallel workers per trial
 
     def validate(self) -> None:
         if self.cpus_per_trial <= 0:
@@ -30,8 +31,13 @@ class Resources:
             raise UserError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
         if self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer():
             raise UserError(f"--gpus-per-trial above 1 must be whole, got {self.gpus_per_trial}")
+        if self.workers_per_trial < 1 or int(self.workers_per_trial) != self.workers_per_trial:
+            raise UserError(f"--workers-per-trial must be a whole number >= 1, got {self.workers_per_trial}")
 
     def as_tune(self) -> dict[str, float]:
+        if self.workers_per_trial > 1:
+            # the trial only drives its TorchTrainer; the N workers reserve cpus/gpus_per_trial each
+            return {"cpu": 0.01}
         out = {"cpu": self.cpus_per_trial}
         if self.gpus_per_trial:
             out["gpu"] = self.gpus_per_trial

@@ -61,6 +61,8 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
 
     threads = max(1, int(config.get("cpus_per_trial", 1)))
     torch.set_num_threads(threads)
+    if int(config.get("workers_per_trial", 1)) > 1:
+        return _train_trial_workers(config, {**merged_train_config(config), "threads": threads}, splits)
     cfg = TrainConfig.from_dict({**merged_train_config(config), "threads": threads,
                                  "device": trial_device(config.get("gpus_per_trial", 0))})
     work = Path(tempfile.mkdtemp(prefix="raydefense-trial-"))
@@ -93,6 +95,25 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_trial_workers(config: dict[str, Any], train: dict[str, Any], splits) -> None:
+    """The trial as a Ray Train TorchTrainer of ``workers_per_trial`` data-parallel workers; one
+    final report to Tune with rank 0's checkpoint (per-epoch metrics stay in Train's own run)."""
+    import json
+
+    from ray import tune
+
+    from raydefense.distributed.train_workers import run_trainer
+
+    workers = int(config["workers_per_trial"])
+    out = run_trainer(config, train, splits, workers, float(config.get("cpus_per_trial", 1)),
+                      float(config.get("gpus_per_trial", 0)), int(config.get("train_max_failures", 0)))
+    try:
+        final = {**json.loads((out / "post.json").read_text()), "node_id": _node_id(), "workers": workers}
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(out)))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _gpu_ids() -> list:
