@@ -227,3 +227,27 @@ def test_two_gloo_workers_follow_the_one_worker_loss_curve(tmp_path, digits):
         for name, tensor in state.items():
             assert torch.equal(tensor, w1[module][name]), name
             assert torch.allclose(tensor, w[module][name], atol=2e-2), name
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_workers_per_trial_runs_a_torch_trainer_inside_the_trial(ray_session, digits, tmp_path):
+    """--workers-per-trial 2: the trial drives a Ray Train TorchTrainer of 2 gloo workers (0.9 CPU
+    each, so both fit beside the trial's 0.01 CPU in the 2-CPU test Ray); rank 0's checkpoint
+    becomes the sweep's extractor, and Train's run is kept in the trial's storage directory."""
+    from raydefense import load_model
+    from raydefense.config import TrainConfig
+    from raydefense.distributed.experiment import Resources
+    from raydefense.sweep import SweepRequest, run_afs_sweep
+
+    req = SweepRequest([2], [0], TrainConfig(epochs=2, attack_steps=2, val_attack_steps=2), tmp_path,
+                       resources=Resources(0.9, 0, 2))
+    outcome = run_afs_sweep(req, digits)
+    assert not outcome.errors and not outcome.unfinished
+    (row,) = outcome.rows
+    assert row["status"] == "ok" and row["epochs_run"] == 2 and row["clean_acc"] > 0.5
+    (result,) = [json.loads(p.read_text().splitlines()[-1]) for p in (tmp_path / "tune").glob("*/result.json")]
+    assert result["workers"] == 2 and result["done_training"]
+    assert list((tmp_path / "tune").glob("*/train/checkpoint_*"))  # Train's run beside the trial
+    x, _ = digits.test.tensors()
+    assert load_model(row["checkpoint"])(x[:4]).shape == (4, 10)

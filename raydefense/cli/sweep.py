@@ -42,13 +42,10 @@ def sweep_afs(
     from raydefense.budgets import parse_budgets, parse_seeds
     from raydefense.cli.ui import TrialsDisplay, TuneProgressCallback, console, print_ray_info
     from raydefense.data import format_eps, load_splits, parse_eps
-    from raydefense.distributed.cluster import ray_cluster
-    from raydefense.distributed.experiment import Resources, storage_uri
+    from raydefense.distributed.cluster import check_dashboard_host, ray_cluster
+    from raydefense.distributed.experiment import Resources, check_storage, storage_uri
     from raydefense.report import rich_table
     from raydefense.sweep import SweepRequest, mean_by_budget, run_afs_sweep
-
-    from raydefense.distributed.cluster import check_dashboard_host
-    from raydefense.distributed.experiment import check_storage
 
     budget_list, seed_list = parse_budgets(budgets), parse_seeds(seeds)
     if max_failures < -1:

@@ -109,7 +109,15 @@ def _probe_gcs(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             InnerGcsClient.standalone(address, None, int(timeout * 1000))
     except Exception as exc:  # noqa: BLE001 - RpcError is not importable by name across versions
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "authenticat" in first.lower() or "unauthenticated" in first.lower():
+            raise UserError(token_message(address, first)) from None
         raise UserError(f"{address} answers but is not a Ray cluster head (GCS): {first}") from None
+
+
+def token_message(address: str, detail: str) -> str:
+    return (f"the Ray cluster at {address} uses token authentication and refused this client ({detail}); "
+            "run `ray get-auth-token` on the head node and set RAY_AUTH_TOKEN=<token> here "
+            "(or copy its ~/.ray/auth_token)")
 
 
 @contextmanager
@@ -133,8 +141,11 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None, num_gpu
         _probe_gcs(address)
         try:
             ctx = ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError) as exc:
-            raise UserError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "authenticat" in first.lower():
+                raise UserError(token_message(address, first)) from None
+            raise UserError(f"cannot join the Ray cluster at {address}: {first}") from None
     else:
         if dashboard:
             dashboard_host = check_dashboard_host(dashboard_host)

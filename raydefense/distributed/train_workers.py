@@ -110,6 +110,19 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _trial_storage(tctx) -> str:
+    """The trial's directory in the experiment's storage (local path or s3://...), where a retried
+    trial on another node finds Train's checkpoints; the node-local trial dir as a fallback."""
+    try:
+        from ray.train._internal.session import get_storage  # developer API
+
+        st = get_storage()
+        return f"{str(st.storage_path).rstrip('/')}/{st.experiment_dir_name}/{st.trial_dir_name}"
+    except Exception as exc:  # noqa: BLE001 - another Ray version
+        log.warning("trial storage unknown (%s); Train checkpoints stay on this node", exc)
+        return tctx.get_trial_dir()
+
+
 def run_trainer(config: dict[str, Any], train: dict[str, Any], splits, workers: int, cpus: float, gpus: float,
                 max_failures: int = 0) -> Path:
     """Run a TorchTrainer of ``workers`` data-parallel workers for this Tune trial.
@@ -122,15 +135,14 @@ def run_trainer(config: dict[str, Any], train: dict[str, Any], splits, workers: 
     from ray import tune
     from ray.train.torch import TorchTrainer
 
-    tctx = tune.get_context()
-    trial_dir = Path(tctx.get_trial_dir()) if hasattr(tctx, "get_trial_dir") else Path(tempfile.mkdtemp())
+    trial_dir = _trial_storage(tune.get_context())
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"train": train, "splits_ref": ray.put(splits), "threads": max(1, int(cpus)), "use_gpu": gpus > 0,
                            "post": config.get("post"), "post_options": config.get("post_options", {})},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name="train", storage_path=str(trial_dir),
+        run_config=ray.train.RunConfig(name="train", storage_path=trial_dir,
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
