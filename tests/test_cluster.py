@@ -126,6 +126,13 @@ def test_storage_and_dashboard_host_checks(tmp_path):
     # two sweeps sharing one bucket get two experiments
     assert storage_uri(tmp_path / "a", "s3://bucket/runs/") == "s3://bucket/runs/a"
     assert storage_uri(tmp_path / "a", None) == str((tmp_path / "a").resolve())
+    # --fresh with --storage removes the old experiment there too (else it would be resumed)
+    from raydefense.distributed.experiment import delete_storage
+
+    (tmp_path / "store" / "a" / "tune").mkdir(parents=True)
+    (tmp_path / "store" / "b").mkdir()
+    delete_storage(tmp_path / "a", f"file://{tmp_path / 'store'}")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["b"]
     assert check_dashboard_host("localhost") == "127.0.0.1"
     with pytest.raises(UserError, match="--dashboard-host"):
         check_dashboard_host("my laptop")

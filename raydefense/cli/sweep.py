@@ -43,7 +43,7 @@ def sweep_afs(
     from raydefense.cli.ui import TrialsDisplay, TuneProgressCallback, console, print_ray_info
     from raydefense.data import format_eps, load_splits, parse_eps
     from raydefense.distributed.cluster import check_dashboard_host, ray_cluster
-    from raydefense.distributed.experiment import Resources, check_storage, storage_uri
+    from raydefense.distributed.experiment import Resources, check_storage, delete_storage, storage_uri
     from raydefense.report import rich_table
     from raydefense.sweep import SweepRequest, mean_by_budget, run_afs_sweep
 
@@ -60,8 +60,10 @@ def sweep_afs(
     resources.validate()
     req = SweepRequest(budget_list, seed_list, cfg, out, parse_eps(eps_unit) if eps_unit else None,
                        parse_eps(eval_eps) if eval_eps else None, resources, storage, max_failures)
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if fresh:
+        if out.exists():
+            shutil.rmtree(out)
+        delete_storage(out, storage)
     unit = req.eps_unit if req.eps_unit is not None else splits.info.eps_unit
     console.print(f"AFS sweep on {splits.info.name}: budgets {', '.join(f'{b:g}' for b in budget_list)} "
                   f"(eps_unit {format_eps(unit)}), seeds {seed_list}, {cfg.epochs} epochs, -> {out}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class ExperimentSpec:
 
 
 # URI schemes pyarrow.fs (Ray's storage layer) understands; checked offline, before any upload.
-STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "az", "file", "mock", "memory")
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "az", "file")
 
 
 def check_storage(storage: str | None) -> None:
@@ -92,6 +93,24 @@ def storage_uri(out: str | Path, storage: str | None) -> str:
         base = storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
         return f"{base}/{Path(out).expanduser().resolve().name}"
     return str(Path(out).expanduser().resolve())
+
+
+def delete_storage(out: str | Path, storage: str | None) -> None:
+    """--fresh with --storage: remove ``<storage>/<out name>`` too, or the old experiment would resume."""
+    if not storage:
+        return
+    uri = storage_uri(out, storage)
+    if "://" not in uri:
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(path)
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise UserError(f"--fresh: cannot delete the old experiment at {uri}: {str(exc).splitlines()[0]}") from None
 
 
 def _check_fingerprint(out: Path, fingerprint: dict) -> None:
