@@ -258,3 +258,15 @@ def test_workers_per_trial_runs_a_torch_trainer_inside_the_trial(ray_session, di
     assert list((tmp_path / "tune").glob("*/train/checkpoint_*"))  # Train's run beside the trial
     x, _ = digits.test.tensors()
     assert load_model(row["checkpoint"])(x[:4]).shape == (4, 10)
+
+
+@pytest.mark.ray
+def test_wrong_auth_token_gets_the_token_message(ray_session):
+    """Ray 2.60 clusters use token authentication by default: a client with the wrong token is told
+    how to get the right one, quickly, instead of a generic connection failure."""
+    address = ray_session.get_runtime_context().gcs_address
+    code = ("import sys\nfrom raydefense.distributed.cluster import _probe_gcs\nfrom raydefense.errors import UserError\n"
+            "try:\n    _probe_gcs(sys.argv[1])\nexcept UserError as e:\n    print(e)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_TOKEN": "0" * 32}
+    proc = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, env=env, timeout=120)
+    assert "uses token authentication" in proc.stdout and "RAY_AUTH_TOKEN" in proc.stdout, proc.stdout + proc.stderr

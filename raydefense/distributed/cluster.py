@@ -115,7 +115,9 @@ def _probe_gcs(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def token_message(address: str, detail: str) -> str:
-    return (f"the Ray cluster at {address} uses token authentication and refused this client ({detail}); "
+    log.debug("token authentication failed at %s: %s", address, detail)
+    return (f"the Ray cluster at {address} uses token authentication and refused this client's token "
+            "(missing or incorrect); "
             "run `ray get-auth-token` on the head node and set RAY_AUTH_TOKEN=<token> here "
             "(or copy its ~/.ray/auth_token)")
 
