@@ -69,8 +69,13 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise CheckpointError(f"refusing to load {path}: it holds pickled objects, not only tensors ({first})") from None
+        import re
+
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:  # a real pickle that names code to import: never load it
+            raise CheckpointError(f"refusing to load {path}: it holds pickled objects, not only tensors "
+                                  f"(it imports {found.group(1)})") from None
+        raise CheckpointError(f"cannot read {path}: not a tensor file saved by torch.save (corrupt or truncated?)") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 

@@ -69,6 +69,7 @@ def afs_spec(req: SweepRequest, splits: Splits, callbacks: list | None = None) -
         "post_options": {"eval_eps": eval_eps},
         "cpus_per_trial": req.resources.cpus_per_trial,
         "gpus_per_trial": req.resources.gpus_per_trial,
+        "workers_per_trial": req.resources.workers_per_trial,
     }
     fingerprint = {"kind": "afs-sweep", "dataset": info.name, "budgets": list(req.budgets), "seeds": list(req.seeds),
                    "eps_unit": unit, "eval_eps": eval_eps,

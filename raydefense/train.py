@@ -118,10 +118,12 @@ def _comparable(train: dict) -> dict:
 
 def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, reporter: Reporter | None = None,
         progress: ProgressSink | None = None, resume: bool = True,
-        resume_state: dict | None = None) -> FitResult:
+        resume_state: dict | None = None, data_parallel: Any = None) -> FitResult:
     """Train ``cfg.method`` into the checkpoint directory ``out_dir``; resume from it if it holds a run.
 
     ``resume_state`` (a trainer_state dict, e.g. restored from a Ray checkpoint) takes precedence.
+    ``data_parallel`` (a ``distributed.train_workers.DataParallel``): this call is one of N workers
+    that each train on a slice of every batch and average gradients; None: the single-device loop.
     """
     validate_config(cfg)
     out_dir = Path(out_dir)
@@ -138,6 +140,8 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     ctx = MethodContext(cfg, splits.info, device, steps_per_epoch=n_batches, generator=attack_gen)
     method = build_method(ctx)
     method.optimizers = method.configure_optimizers()
+    if data_parallel is not None:
+        data_parallel.attach(method.optimizers)
     factor = lr_multiplier(cfg.lr_schedule, cfg.epochs * n_batches)
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in method.optimizers.items()}
     select = getattr(method, "selection_metric", "val_robust_acc")
@@ -178,8 +182,12 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
         sums: dict[str, float] = {}
         for b in range(n_batches):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
+            if data_parallel is not None:
+                idx = data_parallel.shard(idx)
             method.batch_in_epoch = b
             step_metrics = method.train_step(train_x[idx], train_y[idx])
+            if data_parallel is not None:
+                step_metrics = data_parallel.average(step_metrics)
             for k, v in step_metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             for sch in schedulers.values():

@@ -12,6 +12,7 @@ import typer
 from raydefense.cli import app
 from raydefense.cli.options import dataclass_options
 from raydefense.config import TrainConfig, build_dataclass
+from raydefense.errors import UserError
 
 sweep_app = typer.Typer(no_args_is_help=True, help="Train many models in parallel on Ray Tune.")
 app.add_typer(sweep_app, name="sweep")
@@ -27,31 +28,42 @@ def sweep_afs(
     out: Path = typer.Option(Path("runs/afs"), help="sweep directory (resumed if it holds this sweep)"),
     cpus_per_trial: float = typer.Option(1.0, help="CPUs reserved per trial"),
     gpus_per_trial: float = typer.Option(0.0, help="GPUs per trial; fractions such as 0.25 pack trials on a GPU"),
+    workers_per_trial: int = typer.Option(1, help="> 1: each trial is a Ray Train TorchTrainer of N data-parallel "
+                                          "workers, each with --cpus-per-trial / --gpus-per-trial"),
     address: Optional[str] = typer.Option(None, help="join this Ray cluster (host:port or auto) [env RAY_ADDRESS]"),
     storage: Optional[str] = typer.Option(None, help="results location: a path or a URI Ray storage accepts (s3://...)"),
-    max_failures: int = typer.Option(2, help="retries of a failed trial from its last checkpoint"),
+    max_failures: int = typer.Option(2, help="retries of a failed trial (e.g. its node died) from its last checkpoint; -1: no limit"),
+    dashboard_host: str = typer.Option("127.0.0.1", help="bind the Ray dashboard here when Ray starts locally (0.0.0.0: reachable from the network)"),
     fresh: bool = typer.Option(False, help="delete OUT first instead of resuming"),
     overrides: dict = None,
 ) -> None:
     """Train one PGD-AT extractor per budget (x seed) in parallel; writes OUT/sweep.parquet."""
     from raydefense.afs import select_concave
     from raydefense.budgets import parse_budgets, parse_seeds
-    from raydefense.cli.ui import TrialsDisplay, TuneProgressCallback, console
+    from raydefense.cli.ui import TrialsDisplay, TuneProgressCallback, console, print_ray_info
     from raydefense.data import format_eps, load_splits, parse_eps
-    from raydefense.distributed.cluster import ray_cluster
-    from raydefense.distributed.experiment import Resources
+    from raydefense.distributed.cluster import check_dashboard_host, ray_cluster
+    from raydefense.distributed.experiment import Resources, check_storage, delete_storage, storage_uri
     from raydefense.report import rich_table
     from raydefense.sweep import SweepRequest, mean_by_budget, run_afs_sweep
 
     budget_list, seed_list = parse_budgets(budgets), parse_seeds(seeds)
+    if max_failures < -1:
+        raise UserError(f"--max-failures must be -1 (no limit) or >= 0, got {max_failures}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    check_storage(storage)
+    dashboard_host = check_dashboard_host(dashboard_host)
     cfg = build_dataclass(TrainConfig, {**(overrides or {}), "method": "pgd-at"}, where="sweep afs")
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download)
-    resources = Resources(cpus_per_trial, gpus_per_trial)
+    resources = Resources(cpus_per_trial, gpus_per_trial, workers_per_trial)
     resources.validate()
     req = SweepRequest(budget_list, seed_list, cfg, out, parse_eps(eps_unit) if eps_unit else None,
                        parse_eps(eval_eps) if eval_eps else None, resources, storage, max_failures)
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if fresh:
+        if out.exists():
+            shutil.rmtree(out)
+        delete_storage(out, storage)
     unit = req.eps_unit if req.eps_unit is not None else splits.info.eps_unit
     console.print(f"AFS sweep on {splits.info.name}: budgets {', '.join(f'{b:g}' for b in budget_list)} "
                   f"(eps_unit {format_eps(unit)}), seeds {seed_list}, {cfg.epochs} epochs, -> {out}")
@@ -59,12 +71,14 @@ def sweep_afs(
     def label(config: dict) -> str:
         return f"budget {config['point']['budget']:g} seed {config['train.seed']}"
 
-    with ray_cluster(address) as ray_info:
-        if ray_info.get("dashboard_url"):
-            console.print(f"Ray dashboard: {ray_info['dashboard_url']}")
+    with ray_cluster(address, dashboard=True, dashboard_host=dashboard_host) as ray_info:
+        print_ray_info(ray_info, storage_uri(out, storage))
         with TrialsDisplay(len(budget_list) * len(seed_list), cfg.epochs, label):
             outcome = run_afs_sweep(req, splits, callbacks=[TuneProgressCallback()])
 
+    if outcome.errors:
+        console.print(f"[red]{len(outcome.errors)} trial(s) failed after {max_failures} retries:[/]\n  "
+                      + "\n  ".join(outcome.errors))
     if outcome.unfinished:
         console.print(f"[yellow]interrupted: {outcome.unfinished} trial(s) unfinished; run the same command "
                       "again to resume from their checkpoints[/]")
@@ -77,5 +91,5 @@ def sweep_afs(
         console.print(f"selection rule (Delta_z concave in the budget) keeps: {', '.join(f'{b:g}' for b in sel.kept)}")
     console.print(f"wrote {outcome.table} and {outcome.plot}")
     if outcome.errors:
-        console.print("[red]failed trials:[/]\n  " + "\n  ".join(outcome.errors))
+        console.print("[red]not every trial finished[/]: run the same command again to retry the failed ones")
         sys.exit(1)

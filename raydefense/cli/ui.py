@@ -98,3 +98,12 @@ class TrialsDisplay:
     def finish(self, trial_id: str, config: dict, status: str) -> None:
         self.progress.update(self._task(trial_id, config), completed=self.epochs, status=status)
         self.progress.advance(self.total)
+
+
+def print_ray_info(ray_info: dict, storage: str) -> None:
+    """Where to watch a Ray run: dashboard (or why there is none), results, TensorBoard."""
+    if ray_info.get("dashboard_url"):
+        console.print(f"Ray dashboard: {ray_info['dashboard_url']}")
+    elif ray_info.get("dashboard_note"):
+        console.print(f"[dim]no Ray dashboard: {ray_info['dashboard_note']}[/]")
+    console.print(f"[dim]results and checkpoints: {storage}; TensorBoard: tensorboard --logdir {storage}[/]")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 class Resources:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1  # > 1: a Ray Train TorchTrainer of N data-parallel workers per trial
 
     def validate(self) -> None:
         if self.cpus_per_trial <= 0:
@@ -30,8 +32,13 @@ class Resources:
             raise UserError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
         if self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer():
             raise UserError(f"--gpus-per-trial above 1 must be whole, got {self.gpus_per_trial}")
+        if self.workers_per_trial < 1 or int(self.workers_per_trial) != self.workers_per_trial:
+            raise UserError(f"--workers-per-trial must be a whole number >= 1, got {self.workers_per_trial}")
 
     def as_tune(self) -> dict[str, float]:
+        if self.workers_per_trial > 1:
+            # the trial only drives its TorchTrainer; the N workers reserve cpus/gpus_per_trial each
+            return {"cpu": 0.01}
         out = {"cpu": self.cpus_per_trial}
         if self.gpus_per_trial:
             out["gpu"] = self.gpus_per_trial
@@ -54,11 +61,56 @@ class ExperimentSpec:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
 
+# URI schemes pyarrow.fs (Ray's storage layer) understands; checked offline, before any upload.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "az", "file")
+
+
+def check_storage(storage: str | None) -> None:
+    """Refuse a --storage Ray could not write to, before the experiment starts."""
+    if not storage:
+        return
+    if "://" in storage:
+        scheme = storage.split("://", 1)[0].lower()
+        if scheme not in STORAGE_SCHEMES:
+            raise UserError(f"--storage {storage!r}: unknown scheme {scheme}://; use a local path or one of "
+                            + ", ".join(f"{s}://" for s in STORAGE_SCHEMES[:5]))
+        if not storage.split("://", 1)[1].strip("/"):
+            raise UserError(f"--storage {storage!r} names no bucket or path")
+        return
+    path = Path(storage).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--storage {storage} is a file, not a directory")
+    parent = next((p for p in [path, *path.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise UserError(f"--storage {storage}: {parent} is not writable")
+
+
 def storage_uri(out: str | Path, storage: str | None) -> str:
-    """Where Ray keeps the experiment: --storage if given, else <out> as an absolute path."""
+    """Where Ray keeps the experiment: ``<storage>/<out's name>`` if --storage is given (so that
+    sweeps sharing one bucket do not share one experiment), else <out> as an absolute path."""
     if storage:
-        return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+        check_storage(storage)
+        base = storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
+        return f"{base}/{Path(out).expanduser().resolve().name}"
     return str(Path(out).expanduser().resolve())
+
+
+def delete_storage(out: str | Path, storage: str | None) -> None:
+    """--fresh with --storage: remove ``<storage>/<out name>`` too, or the old experiment would resume."""
+    if not storage:
+        return
+    uri = storage_uri(out, storage)
+    if "://" not in uri:
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(path)
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise UserError(f"--fresh: cannot delete the old experiment at {uri}: {str(exc).splitlines()[0]}") from None
 
 
 def _check_fingerprint(out: Path, fingerprint: dict) -> None:

@@ -61,6 +61,8 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
 
     threads = max(1, int(config.get("cpus_per_trial", 1)))
     torch.set_num_threads(threads)
+    if int(config.get("workers_per_trial", 1)) > 1:
+        return _train_trial_workers(config, {**merged_train_config(config), "threads": threads}, splits)
     cfg = TrainConfig.from_dict({**merged_train_config(config), "threads": threads,
                                  "device": trial_device(config.get("gpus_per_trial", 0))})
     work = Path(tempfile.mkdtemp(prefix="raydefense-trial-"))
@@ -77,7 +79,7 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
             return
         resources = tune.get_context().get_trial_resources()
         placement = {"gpu_ids": ",".join(map(str, _gpu_ids())), "trial_gpus": _bundle(resources, "GPU"),
-                     "trial_cpus": _bundle(resources, "CPU")}
+                     "trial_cpus": _bundle(resources, "CPU"), "node_id": _node_id()}
 
         def report(metrics: dict[str, float], ckpt_dir: Path) -> None:
             tune.report({**metrics, **placement, "done_training": False},
@@ -95,6 +97,25 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _train_trial_workers(config: dict[str, Any], train: dict[str, Any], splits) -> None:
+    """The trial as a Ray Train TorchTrainer of ``workers_per_trial`` data-parallel workers; one
+    final report to Tune with rank 0's checkpoint (per-epoch metrics stay in Train's own run)."""
+    import json
+
+    from ray import tune
+
+    from raydefense.distributed.train_workers import run_trainer
+
+    workers = int(config["workers_per_trial"])
+    out = run_trainer(config, train, splits, workers, float(config.get("cpus_per_trial", 1)),
+                      float(config.get("gpus_per_trial", 0)), int(config.get("train_max_failures", 0)))
+    try:
+        final = {**json.loads((out / "post.json").read_text()), "node_id": _node_id(), "workers": workers}
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(out)))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def _gpu_ids() -> list:
     import ray
 
@@ -102,6 +123,16 @@ def _gpu_ids() -> list:
         return list(ray.get_gpu_ids())
     except Exception:  # noqa: BLE001 - outside a worker there are none
         return []
+
+
+def _node_id() -> str:
+    """The Ray node this attempt runs on: shows where trials landed and where a retry went."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return ""
 
 
 def _bundle(resources, key: str) -> float:
