@@ -168,6 +168,41 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
     return statistics.median(rates)
 
 
+def bench_stacked(splits, n_models: int, reps: int) -> float:
+    """n_models PGD-AT models stepped one after another vs stacked with vmap (raydefense.stacked)."""
+    from raydefense.models import build_classifier, default_arch
+    from raydefense.stacked import StackedModels, stacked_pgd_at_step
+
+    info = splits.info
+    x, y = splits.train.tensors()
+    xb, yb = x[:128], y[:128]
+    eps = torch.tensor([info.standard_eps * (i + 1) / n_models for i in range(n_models)])
+    models = [build_classifier(default_arch(info), info) for _ in range(n_models)]
+    separate = [copy.deepcopy(m) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in separate]
+    stack = StackedModels(models)
+    sopt = torch.optim.SGD(list(stack.params.values()), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def one_by_one() -> int:
+        for m, o, e in zip(separate, opts, eps.tolist()):
+            xa = pgd_ce(m, xb, yb, e, 10, e / 4)
+            loss = F.cross_entropy(m(xa), yb)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+        return n_models * len(yb)
+
+    def stacked() -> int:
+        stacked_pgd_at_step(stack, sopt, xb, yb, eps, 10, eps / 4)
+        return n_models * len(yb)
+
+    one_by_one(), stacked()
+    rates = interleaved({"one model at a time": one_by_one, "stacked (vmap)": stacked}, reps)
+    med = report(f"{n_models} budgets' PGD-10 training steps in one process, images/s ({reps} interleaved reps)",
+                 rates, "img/s", "one model at a time")
+    return med["stacked (vmap)"] / med["one model at a time"]
+
+
 # -- sweep ---------------------------------------------------------------------------------------
 def _tree_cpu(root: int) -> dict[int, float]:
     """utime+stime (s) of root and its descendants now, from /proc."""
@@ -221,6 +256,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also run the real 10-budget sweep once (Ray)")
     ap.add_argument("--compile", action="store_true",
                     help="add the torch.compile variants (compilation took minutes on the loaded 2-core CPU)")
+    ap.add_argument("--only", choices=("train", "eval", "stacked", "sweep"), default=None,
+                    help="run one section (train includes the FLOP/s figures)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5 quick, 9 else)")
     args = ap.parse_args()
     reps = args.reps or (5 if args.quick else 9)
@@ -243,6 +280,19 @@ def main() -> None:
     print(f"digits train n={len(y)}  batch 128  PGD-10 eps={eps:g} step eps/4  model {default_arch(info)}")
 
     ratios: dict[str, float] = {}
+    if args.only in (None, "stacked"):
+        ratios["stacked_vmap_vs_one_at_a_time"] = bench_stacked(splits, 4 if args.quick else 10, reps)
+    if args.only in (None, "train", "eval"):
+        train_and_eval(args, splits, batches, init_state, eps, reps, chunk, ratios)
+    if args.only in (None, "sweep"):
+        sweep_section(args, splits, ratios)
+    print()
+    for what, value in ratios.items():
+        print(f"ratio {what} {value:.3f}")
+
+
+def train_and_eval(args, splits, batches, init_state, eps, reps, chunk, ratios) -> None:
+    """Training-step and PGD-20 evaluation throughput against the torchattacks reference."""
     variants = {"plain": {}, "bf16": {"amp": "bf16"}, "channels_last": {"channels_last": True},
                 "bf16+channels_last": {"amp": "bf16", "channels_last": True}}
     if args.compile:
@@ -328,7 +378,9 @@ def main() -> None:
         if name.startswith("raydefense"):
             ratios["eval_pgd20_" + name.split()[1]] = med[name] / med["reference (torchattacks)"]
 
-    # -- sweep -----------------------------------------------------------------------------------
+
+def sweep_section(args, splits, ratios) -> None:
+    """The real sweep (--full), else one short in-process trial and a labeled extrapolation."""
     epochs = TrainConfig().epochs
     if args.full:
         res = run_sweep([])
@@ -354,10 +406,6 @@ def main() -> None:
               f"{os.cpu_count()} cores, 1 CPU per trial -> {waves} waves -> ~{est:.0f} s + Ray start, "
               f"~{10 / est * 60:.1f} trials/min")
         ratios["sweep_vs_2min_target_extrapolated"] = 120 / est
-
-    print()
-    for what, value in ratios.items():
-        print(f"ratio {what} {value:.3f}")
 
 
 if __name__ == "__main__":

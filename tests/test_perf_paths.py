@@ -163,3 +163,38 @@ def test_compile_matches_plain(digits, init, plain_run):
     assert losses == pytest.approx(ref_losses, rel=1e-3, abs=1e-4)
     assert set(model.state_dict()) == set(ref_model.state_dict())
     assert torch.equal(_val_preds(model, digits), _val_preds(ref_model, digits))
+
+
+def test_stacked_models_train_like_separate_ones(digits):
+    """vmap-stacked PGD-AT of two budgets = two separate PGD-AT steps (same init, SGD), per model."""
+    from raydefense.models import build_classifier
+    from raydefense.stacked import StackedModels, stacked_pgd_at_step
+
+    torch.manual_seed(0)
+    models = [build_classifier("small-cnn", digits.info) for _ in range(2)]
+    separate = copy.deepcopy(models)
+    x, y = digits.train.tensors()
+    x, y = x[:64], y[:64]
+    eps = torch.tensor([0.1, 0.25])
+    stack = StackedModels(models)
+    opt = torch.optim.SGD(list(stack.params.values()), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    losses = stacked_pgd_at_step(stack, opt, x, y, eps, 3, eps / 4, rand_init=False)
+    for i, m in enumerate(separate):
+        xa = pgd_ce(m, x, y, float(eps[i]), 3, float(eps[i]) / 4, rand_init=False)
+        loss = F.cross_entropy(m(xa), y)
+        o = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        o.zero_grad()
+        loss.backward()
+        o.step()
+        assert float(losses[i]) == pytest.approx(float(loss.detach()), rel=1e-4)
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(stack.state_dicts()[i][k], v, atol=1e-5, rtol=1e-4)
+    assert float(losses[1]) > float(losses[0])  # the larger budget is the harder problem
+
+
+def test_stacking_refuses_batchnorm(digits):
+    from raydefense.models import build_classifier
+    from raydefense.stacked import StackedModels
+
+    with pytest.raises(UserError, match="BatchNorm"):
+        StackedModels([build_classifier("preact-resnet18", digits.info) for _ in range(2)])
