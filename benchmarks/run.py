@@ -394,17 +394,21 @@ def sweep_section(args, splits, ratios) -> None:
         n_ep = 1 if args.quick else 2
         cfg = TrainConfig(method="pgd-at", epochs=n_ep, threads=1, device="cpu")
         with tempfile.TemporaryDirectory() as tmp:
-            tic = time.perf_counter()
+            tic, cpu0 = time.perf_counter(), time.process_time()
             fit(cfg, Path(tmp) / "t", splits=splits)
             per_epoch = (time.perf_counter() - tic) / n_ep
+            cpu_per_epoch = (time.process_time() - cpu0) / n_ep
         trial = per_epoch * epochs
         waves = math.ceil(10 / (os.cpu_count() or 1))
         est = trial * waves
         print(f"\n## sweep cost (per-trial measurement; {loadavg()})")
-        print(f"one digits pgd-at trial in-process (fit, {n_ep} epoch(s) measured): {per_epoch:.1f} s/epoch")
+        print(f"one digits pgd-at trial in-process (fit, {n_ep} epoch(s) measured): {per_epoch:.1f} s/epoch wall, "
+              f"{cpu_per_epoch:.1f} CPU-s/epoch (what an idle core would take)")
         print(f"EXTRAPOLATION (not measured): {epochs} epochs/trial -> {trial:.0f} s/trial; 10 trials on "
               f"{os.cpu_count()} cores, 1 CPU per trial -> {waves} waves -> ~{est:.0f} s + Ray start, "
               f"~{10 / est * 60:.1f} trials/min")
+        idle = cpu_per_epoch * epochs * waves
+        print(f"EXTRAPOLATION (not measured), idle machine from CPU time: ~{idle:.0f} s + Ray start")
         ratios["sweep_vs_2min_target_extrapolated"] = 120 / est
 
 

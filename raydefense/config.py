@@ -77,10 +77,10 @@ HELP: dict[str, str] = {
     "seed": "random seed",
     "threads": "torch CPU threads (0: torch default)",
     "device": "auto, cpu, cuda or cuda:N",
-    "compile": "torch.compile the model for training (pays for large models; compile time is paid once per trial)",
+    "compile": "torch.compile the model for training (compilation is paid once per trial; docs/performance.md)",
     "amp": "mixed precision of the training step: off, bf16 (CPU with AMX/AVX512-BF16, recent GPUs) or fp16 (CUDA); "
            "validation and evaluation stay fp32",
-    "channels_last": "NHWC memory format for training (helps convolutions of large models, not 8x8 digits)",
+    "channels_last": "NHWC memory format for training (on digits it pays only together with amp=bf16)",
 }
 
 
