@@ -40,6 +40,10 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # fast paths (raydefense/fast.py; measured in docs/performance.md): off by default
+    compile: bool = False  # torch.compile the modules (in place) for training
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast of the training step (fp16: CUDA only)
+    channels_last: bool = False  # NHWC memory format for modules and training inputs
     options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +79,10 @@ HELP: dict[str, str] = {
     "seed": "random seed",
     "threads": "torch CPU threads (0: torch default)",
     "device": "auto, cpu, cuda or cuda:N",
+    "compile": "torch.compile the model for training (compilation is paid once per trial; docs/performance.md)",
+    "amp": "mixed precision of the training step: off, bf16 (CPU with AMX/AVX512-BF16, recent GPUs) or fp16 (CUDA); "
+           "validation and evaluation stay fp32",
+    "channels_last": "NHWC memory format for training (digits: 1.0-1.35x, noisy; docs/performance.md)",
 }
 
 

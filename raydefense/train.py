@@ -30,6 +30,7 @@ from raydefense.config import TrainConfig
 from raydefense.data import Splits, load_splits
 from raydefense.device import resolve_device
 from raydefense.errors import UserError
+from raydefense.fast import GradScalerStep, autocast, prepare_modules, to_memory_format, validate_fast_paths
 from raydefense.methods import Method, MethodContext, build_method
 from raydefense.provenance import provenance
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], Path], None]
 METRICS_FILE = "metrics.jsonl"
 # Fields that may differ between a run and its resumption without changing what is trained.
-_RESUME_IGNORES = ("threads", "device", "data_dir", "download")
+_RESUME_IGNORES = ("threads", "device", "data_dir", "download", "compile", "channels_last")
 
 
 class ProgressSink(Protocol):
@@ -128,6 +129,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     validate_config(cfg)
     out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
+    validate_fast_paths(cfg, device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -139,6 +141,9 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     ctx = MethodContext(cfg, splits.info, device, steps_per_epoch=n_batches, generator=attack_gen)
     method = build_method(ctx)
+    prepare_modules(method.modules().values(), cfg)
+    if cfg.amp == "fp16":
+        method.grad_scaler = GradScalerStep(device)
     method.optimizers = method.configure_optimizers()
     if data_parallel is not None:
         data_parallel.attach(method.optimizers)
@@ -185,7 +190,8 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
             if data_parallel is not None:
                 idx = data_parallel.shard(idx)
             method.batch_in_epoch = b
-            step_metrics = method.train_step(train_x[idx], train_y[idx])
+            with autocast(cfg, device):
+                step_metrics = method.train_step(to_memory_format(train_x[idx], cfg), train_y[idx])
             if data_parallel is not None:
                 step_metrics = data_parallel.average(step_metrics)
             for k, v in step_metrics.items():

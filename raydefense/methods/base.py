@@ -122,6 +122,9 @@ class Method(ABC):
                       generator=self.ctx.generator)
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        scaler = getattr(self, "grad_scaler", None)  # set by fit for amp=fp16 (raydefense.fast)
+        if scaler is not None:
+            return scaler(optimizer, loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
