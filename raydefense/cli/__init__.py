@@ -26,7 +26,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="log progr
 
 def _register() -> None:
     # Each module adds its commands to ``app``; importing them here keeps cli/__init__ small.
-    from raydefense.cli import evaluate, train  # noqa: F401
+    from raydefense.cli import compare, evaluate, train  # noqa: F401
     from raydefense.cli import sweep  # noqa: F401
 
 
