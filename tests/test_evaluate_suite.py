@@ -112,9 +112,9 @@ def test_steps_eps_and_autoattack_flags_on_constructed_results():
 
 
 def test_minimum_norm_attacks_count_only_within_budget(natural_model, data):
-    x, y = data[0][:16], data[1][:16]
-    tiny = run_attacks(natural_model, x, y, resolve_attacks("deepfool"), EPS, 16, 0, eps_l2=1e-3)
-    big = run_attacks(natural_model, x, y, resolve_attacks("deepfool"), EPS, 16, 0, eps_l2=3.0)
+    x, y = data[0][:8], data[1][:8]
+    tiny = run_attacks(natural_model, x, y, resolve_attacks("deepfool"), EPS, 8, 0, eps_l2=1e-3)
+    big = run_attacks(natural_model, x, y, resolve_attacks("deepfool"), EPS, 8, 0, eps_l2=3.0)
     clean = tiny.by_name()["clean"].correct
     assert torch.equal(tiny.by_name()["deepfool"].correct, clean)  # nothing fits in 1e-3
     assert big.by_name()["deepfool"].accuracy < clean.float().mean() - 0.5
