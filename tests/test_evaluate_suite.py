@@ -171,7 +171,7 @@ def test_cli_evaluate_with_sweeps_then_compare(natural_ckpt, tmp_path):
         return 0
 
     out = tmp_path / "ev"
-    assert cli("evaluate", natural_ckpt, "--n", "32", "--attacks", "fgsm,pgd10", "--eps-sweep", "0,1/16,3/16",
+    assert cli("evaluate", natural_ckpt, "--n", "32", "--attacks", "fgsm,pgd10", "--eps-sweep", "0,1/16,3/16", "--sweep-attacks", "fgsm,pgd10",
                "--steps-sweep", "1,5", "--out", out) == 0
     rows = pq.read_table(out / "eval.parquet").to_pylist()
     assert {"attack", "eps", "accuracy", "n", "flags"} <= set(rows[0])
