@@ -122,13 +122,30 @@ def route_attacks(steps: int = 20, with_aa: bool = True) -> tuple[list[EvalAttac
 ROUTE_COLUMNS = ("setting", "attack", "accuracy", "routed_to_robust", "n")
 
 
+def _recording(attack: EvalAttack, routed: list[torch.Tensor]) -> EvalAttack:
+    """The same attack, also recording which of its outputs the router sends to the robust branch."""
+
+    def run(model: RoutedModel, x, y, eps, gen):
+        xa = attack.fn(model, x, y, eps, gen) if attack.name != "clean" else x
+        with torch.no_grad():
+            routed.append(model.flags(xa).cpu())
+        return xa
+
+    return EvalAttack(attack.name, run, attack.params, attack.norm, attack.description)
+
+
 def _route_rows(setting: str, model: RoutedModel, x: torch.Tensor, y: torch.Tensor, attacks: list[EvalAttack],
                 eps: float, seed: int, batch_size: int) -> tuple[list[dict], list[str]]:
     from raydefense.evaluate.runner import run_attacks
 
-    result = run_attacks(model, x, y, attacks, eps, batch_size, seed)
-    rows = [{"setting": setting, "attack": r.attack, "accuracy": r.accuracy, "routed_to_robust": math.nan,
-             "n": result.n} for r in result.results]
+    attacks = [ATTACKS["clean"]] + [a for a in attacks if a.name != "clean"]
+    routed: dict[str, list[torch.Tensor]] = {a.name: [] for a in attacks}
+    result = run_attacks(model, x, y, [_recording(a, routed[a.name]) for a in attacks], eps, batch_size, seed)
+    with torch.no_grad(), eval_mode(model):  # the runner never calls the clean "attack"
+        routed["clean"] = [torch.cat([model.flags(x[i:i + batch_size]).cpu() for i in range(0, len(x), batch_size)])]
+    rows = [{"setting": setting, "attack": r.attack, "accuracy": r.accuracy,
+             "routed_to_robust": float(torch.cat(routed[r.attack]).float().mean()), "n": result.n}
+            for r in result.results]
     rows.append({"setting": setting, "attack": "worst-case", "accuracy": float(result.worst_case().float().mean()),
                  "routed_to_robust": math.nan, "n": result.n})
     return rows, result.flags
@@ -167,14 +184,6 @@ def evaluate_route(ckpt_dir, n: int | None = None, aa_n: int = 200, steps: int =
         r, f = _route_rows(setting, model, xs, ys, attacks, eps, seed, batch_size)
         rows += r
         flags += [f"{setting}: {m}" for m in f]
-    # how often each clean / attacked input went to the robust branch is in the detection table;
-    # here: the clean routing rate, the number the paper's TNR stands for
-    with torch.no_grad():
-        clean_robust = float(torch.cat([model.flags(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-                             .float().mean())
-    for r in rows:
-        if r["attack"] == "clean":
-            r["routed_to_robust"] = clean_robust
     out_dir = Path(out) if out else ckpt_dir
     write_parquet(det, out_dir / "detection.parquet")
     write_parquet(rows, out_dir / "route_eval.parquet", metadata={"flags": flags})
