@@ -137,3 +137,13 @@ def test_route_checkpoint_is_self_contained(digits, natural_ckpt, tmp_path):
         flags = routed.flags(x)
         expected = torch.where(flags[:, None], routed.robust(x), routed.natural(x))
         torch.testing.assert_close(routed(x), expected)
+
+
+def test_route_cli_refuses_a_non_rfd_checkpoint(natural_ckpt, tmp_path, capsys):
+    from raydefense.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["route", str(natural_ckpt), str(natural_ckpt), "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2
+    assert "not an rfd checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
