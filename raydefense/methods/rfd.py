@@ -182,7 +182,7 @@ class RFD(Method):
         # each encoder: the remaining stages of an independently initialized backbone
         self.E_r, self.E_nr, self.E_ds = (nn.Sequential(*copy.deepcopy(build_backbone(arch, info).blocks[k:]))
                                           for _ in range(3))
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.G, self.E_r):  # a shape probe must not touch BatchNorm statistics
             f = self.G(torch.zeros(2, *info.shape))
             z = self.E_r(f)
         if z.dim() != 2:
