@@ -29,6 +29,7 @@ TRAINER_STATE = "trainer_state.pt"
 MODEL_LOADERS: dict[str, str] = {
     "method": "raydefense.checkpoint:load_method_model",
     "afs-stack": "raydefense.stack:load_stack_model",
+    "route": "raydefense.route:load_route_model",
 }
 
 

@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "er": "raydefense.methods.er:ERClassifier",
     "er-": "raydefense.methods.er:ERMinus",
     "er-trades": "raydefense.methods.er:ERTrades",
+    "rfd": "raydefense.methods.rfd:RFD",
 }
 
 
