@@ -28,6 +28,7 @@ def _register() -> None:
     # Each module adds its commands to ``app``; importing them here keeps cli/__init__ small.
     from raydefense.cli import evaluate, train  # noqa: F401
     from raydefense.cli import sweep  # noqa: F401
+    from raydefense.cli import reject  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ REGISTRY: dict[str, str] = {
     "pgd-at": "raydefense.methods.baselines:PGDAT",
     "trades": "raydefense.methods.baselines:TRADES",
     "mart": "raydefense.methods.baselines:MART",
+    "ldat": "raydefense.methods.ldat:LDAT",
 }
 
 
