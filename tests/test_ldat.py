@@ -9,7 +9,7 @@ from torch import nn
 from raydefense.attacks.boundary import boundary_attack
 from raydefense.config import TrainConfig
 from raydefense.errors import UserError
-from raydefense.evaluate.rejection import (REJECT_ATTACKS, defense_success, evaluate_rejection,
+from raydefense.evaluate.rejection import (REJECT_ATTACKS, deepfool, defense_success, evaluate_rejection,
                                            resolve_reject_attacks)
 from raydefense.methods import MethodContext, build_method
 from raydefense.methods.ldat import default_l2_budget, lambda_at
@@ -146,3 +146,39 @@ def test_defense_success_and_adaptive_attack_beats_oblivious_on_rejection(natura
         assert r.row(40)["defense_success"] == pytest.approx(float((r.rejected | r.correct).float().mean()))
     with pytest.raises(UserError):
         resolve_reject_attacks("nope")
+
+
+def test_batched_deepfool_matches_torchattacks(natural_model, digits):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = digits.test.tensors()
+    x, y = x[:6], y[:6]
+    ours = deepfool(natural_model, x, y, steps=10)
+    ref = torchattacks.DeepFool(natural_model, steps=10, overshoot=0.02)(x, y)
+    natural_model.zero_grad(set_to_none=True)  # torchattacks' backward passes fill weight grads
+    assert torch.allclose(ours, ref, atol=1e-4)
+    with torch.no_grad():  # every sample walked to (or past) the nearest boundary: top-2 logits tie
+        z = natural_model(ours)
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        assert (z_y - z.scatter(1, y[:, None], -1e9).max(1).values < 1e-2).all()
+        assert ((ours - x).flatten(1).norm(dim=1) > 0.05).all()
+
+
+def test_reject_cli_writes_parquet_and_refuses_bad_threshold(natural_ckpt, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from raydefense.cli import main
+
+    def run(*args):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    assert run("reject", natural_ckpt, "--n", "12", "--attacks", "pgd20,deepfool", "--out", tmp_path) == 0
+    rows = pq.read_table(tmp_path / "reject.parquet").to_pylist()
+    assert [r["attack"] for r in rows] == ["clean", "pgd20", "deepfool", "worst-oblivious", "worst-all"]
+    assert all(r["n"] == 12 and r["threshold"] == 0.6 for r in rows)
+    capsys.readouterr()
+    assert run("reject", natural_ckpt, "--threshold", "1.5") == 2
+    assert "threshold" in capsys.readouterr().err
