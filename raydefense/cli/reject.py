@@ -9,7 +9,9 @@ import typer
 
 from raydefense.cli import app
 from raydefense.data import parse_eps
-from raydefense.evaluate.rejection import DEFAULT_REJECT_ATTACKS, REJECT_COLUMNS
+from raydefense.evaluate.rejection import DEFAULT_REJECT_ATTACKS
+
+SHOWN = ("attack", "family", "eps", "accuracy", "rejected", "defense_success", "n")  # all columns: reject.parquet
 
 
 @app.command()
@@ -44,5 +46,5 @@ def reject(
             checkpoint, attacks, threshold, n, parse_eps(eps) if eps is not None else None,
             parse_eps(l2_eps) if l2_eps is not None else None, out, split, batch_size, seed, device,
             on_attack=on_attack)
-    console.print(rich_table(rows, REJECT_COLUMNS, title=f"{checkpoint} ({split}, threshold {threshold:g})"))
+    console.print(rich_table(rows, SHOWN, title=f"{checkpoint} ({split}, threshold {threshold:g})"))
     console.print(f"wrote {out_dir / 'reject.parquet'}")
