@@ -29,7 +29,7 @@ def _register() -> None:
     from raydefense.cli import evaluate, train  # noqa: F401
     from raydefense.cli import stack, sweep  # noqa: F401
     from raydefense.cli import curves, detect  # noqa: F401
-    from raydefense.cli import cluster, compare, route  # noqa: F401
+    from raydefense.cli import cluster, compare, reject, route  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

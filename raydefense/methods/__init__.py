@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "er-": "raydefense.methods.er:ERMinus",
     "er-trades": "raydefense.methods.er:ERTrades",
     "rfd": "raydefense.methods.rfd:RFD",
+    "ldat": "raydefense.methods.ldat:LDAT",
 }
 
 
