@@ -187,6 +187,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1500)  # two CLI processes; minutes on a loaded 2-core machine
 def test_interrupted_search_resumes_and_study_stays_consistent(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "search"
