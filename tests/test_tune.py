@@ -197,7 +197,7 @@ def test_interrupted_search_resumes_and_study_stays_consistent(ray_session, tmp_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        _wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 240, "a first checkpoint")
+        _wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
         proc.send_signal(signal.SIGINT)
         first_output, _ = proc.communicate(timeout=120)
     finally:
