@@ -62,6 +62,14 @@ class Dim:
         return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step,
                                    log=self.type == "log-float")
 
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        try:
+            return self.low <= value <= self.high and (self.type != "int" or float(value).is_integer())
+        except TypeError:
+            return False
+
     def distribution(self):
         import optuna
 
@@ -96,18 +104,20 @@ class SearchSpace:
     def searched(self, config: dict[str, Any]) -> dict[str, Any]:
         return {d.key: config[d.key] for d in self.dims if d.key in config}
 
-    def default_point(self, method: str) -> dict[str, Any]:
-        """The method's default configuration expressed in this space (for Optuna's first trial)."""
+    def default_point(self, method: str, base: TrainConfig | None = None) -> dict[str, Any]:
+        """The default configuration expressed in this space (for Optuna's first trial): the base
+        TrainConfig of the command (its defaults plus what the user set) and the method's options."""
         from raydefense.methods import get_method_class
 
-        defaults = {f"train.{f.name}": f.default for f in dataclasses.fields(TrainConfig)
-                    if f.default is not dataclasses.MISSING}
+        base = base or TrainConfig(method=method)
+        defaults = {f"train.{f.name}": getattr(base, f.name) for f in dataclasses.fields(TrainConfig)}
         opts = get_method_class(method).Options
         defaults.update({f"options.{f.name}": f.default for f in dataclasses.fields(opts)
                          if f.default is not dataclasses.MISSING})
+        defaults.update({f"options.{k}": v for k, v in base.options.items()})
         point: dict[str, Any] = {}
-        for dim in self.dims:
-            if dim.active(point) and defaults.get(dim.key) is not None:
+        for dim in self.dims:  # a default outside the searched range is left to the sampler
+            if dim.active(point) and defaults.get(dim.key) is not None and dim.contains(defaults[dim.key]):
                 point[dim.key] = defaults[dim.key]
         return point
 

@@ -138,7 +138,7 @@ def tune_spec(req: TuneRequest, callbacks: list | None = None) -> ExperimentSpec
     multi = req.objective == "pareto"
     metric = list(req.metric) if multi else req.metric
     mode = ["max", "max"] if multi else "max"
-    points = [req.space.default_point(req.method)] if req.include_default else None
+    points = [req.space.default_point(req.method, req.train)] if req.include_default else None
     searcher = OptunaSearch(space=req.space.sample, metric=metric, mode=mode,
                             sampler=optuna.samplers.TPESampler(seed=req.seed), points_to_evaluate=points or None)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
