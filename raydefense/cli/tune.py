@@ -90,11 +90,14 @@ def tune(
         console.print(f"[yellow]interrupted: {outcome.unfinished} trial(s) unfinished; run the same command "
                       "again to resume[/]")
         sys.exit(130)
-    cols = ["trial_id", "status", *[d.key for d in search.dims], "epochs_run", "val_clean_acc", "val_robust_acc",
-            "val_tradeoff", "masking_gap", "masking_flag"]
+    short = {d.key: d.key.split(".", 1)[1] for d in search.dims}
+    cols = ["trial_no", "status", *short.values(), "epochs_run", "val_clean_acc", "val_robust_acc", "val_tradeoff",
+            "masking_gap"]
     shown = sorted(outcome.rows, key=lambda r: -(r["val_tradeoff"] if math.isfinite(r["val_tradeoff"]) else -1))
-    console.print(rich_table([{c: r.get(c) for c in cols} for r in shown], cols,
-                             title=f"tune {method}: trials (validation split)"))
+    table = [{**{c: r.get(c) for c in cols}, **{v: r.get(k) for k, v in short.items()},
+              "status": r["status"] + (" MASKED" if r["masking_flag"] else "") + (" best" if r["best"] else "")}
+             for r in shown]
+    console.print(rich_table(table, cols, title=f"tune {method}: trials (validation split)"))
     saved = 1 - outcome.epochs_run / max(1, outcome.epochs_full)
     console.print(f"ASHA/early stop: {outcome.stopped} of {len(outcome.rows)} trials stopped early; "
                   f"{outcome.epochs_run} of {outcome.epochs_full} epochs trained ({saved:.0%} saved, about "
