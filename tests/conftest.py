@@ -41,7 +41,8 @@ def natural_model(natural_ckpt):
 def ray_session():
     """One Ray instance for the whole session: 2 CPUs and 4 logical GPUs for scheduling tests."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False,
+    # address="local": always a fresh instance, never another process's cluster found on this machine
+    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()

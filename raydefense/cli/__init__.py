@@ -27,7 +27,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="log progr
 def _register() -> None:
     # Each module adds its commands to ``app``; importing them here keeps cli/__init__ small.
     from raydefense.cli import evaluate, train  # noqa: F401
-    from raydefense.cli import stack, sweep  # noqa: F401
+    from raydefense.cli import stack, sweep, tune  # noqa: F401
     from raydefense.cli import curves, detect  # noqa: F401
     from raydefense.cli import cluster, compare, reject, route  # noqa: F401
 

@@ -32,6 +32,13 @@ def run_post_hook(spec: str | None, ckpt_dir: Path, splits, options: dict) -> di
     return getattr(importlib.import_module(module), fn)(ckpt_dir, splits, **options)
 
 
+def with_tradeoff(metrics: dict[str, float]) -> dict[str, float]:
+    """Add ``val_tradeoff`` = mean(val clean, val robust accuracy): the scalar ``tune`` optimizes."""
+    if "val_clean_acc" in metrics and "val_robust_acc" in metrics:
+        return {**metrics, "val_tradeoff": 0.5 * (metrics["val_clean_acc"] + metrics["val_robust_acc"])}
+    return metrics
+
+
 def merged_train_config(config: dict[str, Any]) -> dict[str, Any]:
     """Apply a trial's sampled values to the base TrainConfig dict.
 
@@ -82,11 +89,11 @@ def train_trial(config: dict[str, Any], splits=None) -> None:
                      "trial_cpus": _bundle(resources, "CPU"), "node_id": _node_id()}
 
         def report(metrics: dict[str, float], ckpt_dir: Path) -> None:
-            tune.report({**metrics, **placement, "done_training": False},
+            tune.report({**with_tradeoff(metrics), **placement, "done_training": False},
                         checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
         result = fit(cfg, work, splits=splits, reporter=report)
-        final = {**result.best, **placement, "epochs_run": len(result.history), "done_training": True,
+        final = {**with_tradeoff(result.best), **placement, "epochs_run": len(result.history), "done_training": True,
                  "best_epoch": result.best.get("epoch", 0), "resumed_from_epoch": result.start_epoch}
         final.update(run_post_hook(config.get("post"), work, splits, config.get("post_options", {})))
         import json
