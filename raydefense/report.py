@@ -7,13 +7,13 @@ looks complete.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from raydefense.checkpoint import atomic_target
 
 
 def write_parquet(rows: Sequence[dict[str, Any]], path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -22,14 +22,8 @@ def write_parquet(rows: Sequence[dict[str, Any]], path: str | Path, metadata: di
     table = pa.Table.from_pylist(list(rows))
     if metadata:
         table = table.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
