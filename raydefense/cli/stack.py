@@ -58,7 +58,8 @@ def stack_afs(
     rows = [{"model": f"stack (alpha {chosen['alpha']:g})", **chosen}] + \
            [{"model": f"extractor {r['budget']:g}", **r} for r in singles]
     console.print(rich_table(rows, ["model", "clean_acc", "pgd20_acc", "aa_acc", "tradeoff", "importance"],
-                             title="Stack vs its extractors (test split; trade-off = mean(clean, AutoAttack))"))
+                             title=f"Stack vs its extractors (test split; trade-off = mean(clean, "
+                                   f"{'AutoAttack' if chosen['tradeoff_attack'] == 'aa' else 'worst case of the attacks run'}))"))
     best_single = max(singles, key=lambda r: r["tradeoff"])
     verdict = "beats" if chosen["tradeoff"] > best_single["tradeoff"] else "does NOT beat"
     console.print(f"stack trade-off {chosen['tradeoff']:.4f} {verdict} the best single extractor "
