@@ -11,7 +11,7 @@ from raydefense.methods.afd import ProjectionDiscriminator, discriminator_accura
 
 
 def _method(digits, **options):
-    cfg = TrainConfig(method="afd-dcgan", attack_steps=2, options=options)
+    cfg = TrainConfig(method="afd-dcgan", attack_steps=2, eps_warmup_epochs=0, options=options)  # full budget at step 1
     method = build_method(MethodContext(cfg, digits.info, torch.device("cpu"),
                                         generator=torch.Generator().manual_seed(0)))
     method.optimizers = method.configure_optimizers()

@@ -58,7 +58,7 @@ def test_train_accepts_method_options_and_config_file(tmp_path):
     (["sweep", "afs", "--cpus-per-trial", "0"], "must be > 0"),
     (["sweep", "afs", "--gpus-per-trial", "1.5"], "must be whole"),
     (["sweep", "afs", "--dataset", "nope"], "unknown dataset 'nope'"),
-    (["sweep", "afs", "--address", "127.0.0.1:1"], "does not answer"),
+    (["sweep", "afs", "--address", "127.0.0.1:1"], "no Ray cluster at 127.0.0.1:1"),
     (["stack", "afs", "/nonexistent/sweep"], "holds no sweep.parquet"),
     (["stack", "afs", "/nonexistent/sweep", "--alpha", "2"], "must lie in [0, 1]"),
 ])

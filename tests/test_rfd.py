@@ -14,7 +14,7 @@ from raydefense.route import RoutedModel, SoftRouted
 
 
 def make_rfd(digits, seed: int = 0, **options):
-    cfg = TrainConfig(method="rfd", seed=seed, lr=0.05, options=options)
+    cfg = TrainConfig(method="rfd", seed=seed, lr=0.05, eps_warmup_epochs=0, options=options)  # full budget at step 1
     gen = torch.Generator().manual_seed(seed)
     method = build_method(MethodContext(cfg, digits.info, torch.device("cpu"), steps_per_epoch=10, generator=gen))
     method.optimizers = method.configure_optimizers()
