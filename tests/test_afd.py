@@ -8,6 +8,7 @@ import torch
 from raydefense.config import TrainConfig
 from raydefense.methods import MethodContext, build_method
 from raydefense.methods.afd import ProjectionDiscriminator, discriminator_accuracy
+from helpers import run_cli
 
 
 def _method(digits, **options):
@@ -142,15 +143,8 @@ def test_curves_fall_with_eps_and_stay_in_the_ball(natural_model, digits):
 
 
 def test_curves_cli_writes_tables_and_plot(natural_ckpt, tmp_path):
-    from raydefense.cli import main
     from raydefense.report import read_parquet
 
-    def run_cli(*args) -> int:
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
 
     out = tmp_path / "c"
     assert run_cli("curves", natural_ckpt, "--attacks", "fgsm,pgd-l2", "--eps-list", "1/16,2/16",

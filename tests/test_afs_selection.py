@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from raydefense.afs import delta_z, select_concave

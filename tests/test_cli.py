@@ -6,16 +6,8 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import run_cli
 
-from raydefense.cli import main
-
-
-def run_cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_train_then_evaluate(tmp_path, capsys):

@@ -18,18 +18,11 @@ import torch
 import yaml
 
 from raydefense.errors import UserError
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _main(argv: list[str]) -> int:
-    from raydefense.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 # --- cluster.yaml -------------------------------------------------------------------------------
@@ -81,10 +74,10 @@ def test_broken_cluster_configs_are_rejected_with_their_path(tmp_path, mutate, e
 
 
 def test_cluster_check_cli(tmp_path, capsys):
-    assert _main(["cluster", "check", str(ROOT / "cluster.yaml")]) == 0
+    assert run_cli(*["cluster", "check", str(ROOT / "cluster.yaml")]) == 0
     assert "valid Ray aws cluster config" in capsys.readouterr().out
     (tmp_path / "bad.yaml").write_text("cluster_name: x\nprovider: {type: aws\n")
-    assert _main(["cluster", "check", str(tmp_path / "bad.yaml")]) == 2
+    assert run_cli(*["cluster", "check", str(tmp_path / "bad.yaml")]) == 2
     assert "is not valid YAML at line 3" in capsys.readouterr().err
 
 
@@ -143,14 +136,14 @@ def test_cli_refuses_checkpoint_holding_pickled_objects(tmp_path, digits, capsys
     from raydefense.train import fit
 
     fit(TrainConfig(method="natural", epochs=1, val_attack_steps=1), tmp_path / "ck", splits=digits)
-    assert _main(["evaluate", str(tmp_path / "ck"), "--attacks", "clean", "--n", "20"]) == 0
+    assert run_cli(*["evaluate", str(tmp_path / "ck"), "--attacks", "clean", "--n", "20"]) == 0
     capsys.readouterr()
     torch.save({"weights": argparse.Namespace(evil=True)}, tmp_path / "ck" / "model.pt")
-    assert _main(["evaluate", str(tmp_path / "ck"), "--attacks", "clean", "--n", "20"]) == 2
+    assert run_cli(*["evaluate", str(tmp_path / "ck"), "--attacks", "clean", "--n", "20"]) == 2
     err = capsys.readouterr().err
     assert "refusing to load" in err and "model.pt" in err and "pickled" in err and "Traceback" not in err
     (tmp_path / "ck" / "model.pt").unlink()
-    assert _main(["evaluate", str(tmp_path / "ck"), "--attacks", "clean"]) == 2
+    assert run_cli(*["evaluate", str(tmp_path / "ck"), "--attacks", "clean"]) == 2
     assert "missing checkpoint file" in capsys.readouterr().err
 
 

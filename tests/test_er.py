@@ -10,6 +10,7 @@ from torch import nn
 from raydefense.config import TrainConfig
 from raydefense.methods import MethodContext, build_method
 from raydefense.methods.er import ERMinus, ERNet
+from helpers import run_cli
 
 
 def _method(digits, method="er", **options):
@@ -136,13 +137,12 @@ def test_detector_pipeline_matches_a_hand_computed_example():
 
 
 def test_detect_cli_writes_the_table_and_refuses_other_checkpoints(digits, tmp_path, capsys):
-    from raydefense.cli import main
     from raydefense.report import read_parquet
     from raydefense.train import fit
 
     ckpt = tmp_path / "er-"
     fit(TrainConfig(method="er-", epochs=1, val_attack_steps=1), ckpt, splits=digits)
-    assert _run(main, "detect", ckpt, "--train-attack", "fgsm", "--test-attacks", "fgsm,pgd", "--n", "60",
+    assert run_cli("detect", ckpt, "--train-attack", "fgsm", "--test-attacks", "fgsm,pgd", "--n", "60",
                 "--features", "er1", "--tsne") == 0
     rows = read_parquet(ckpt / "detect.parquet")
     assert [(r["train_attack"], r["test_attack"]) for r in rows] == [("fgsm", "fgsm"), ("fgsm", "pgd")]
@@ -151,13 +151,7 @@ def test_detect_cli_writes_the_table_and_refuses_other_checkpoints(digits, tmp_p
 
     nat = tmp_path / "nat"
     fit(TrainConfig(method="natural", epochs=1, val_attack_steps=1), nat, splits=digits)
-    assert _run(main, "detect", nat, "--n", "20") == 2
+    assert run_cli("detect", nat, "--n", "20") == 2
     assert "needs an er" in capsys.readouterr().err
 
 
-def _run(main, *args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0

@@ -14,6 +14,7 @@ from raydefense.evaluate import runner
 from raydefense.evaluate.attacks import resolve_attacks, sanity_probes
 from raydefense.evaluate.runner import AttackResult, EvalResult, run_attacks, sanity_flags, shard_bounds
 from raydefense.evaluate.sweeps import normalized_auc
+from helpers import run_cli
 
 EPS = 3 / 16
 
@@ -161,17 +162,10 @@ def test_resume_skips_cached_shards(natural_model, data, tmp_path, monkeypatch):
 
 
 def test_cli_evaluate_with_sweeps_then_compare(natural_ckpt, tmp_path):
-    from raydefense.cli import main
 
-    def cli(*args):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
 
     out = tmp_path / "ev"
-    assert cli("evaluate", natural_ckpt, "--n", "32", "--attacks", "fgsm,pgd10", "--eps-sweep", "0,1/16,3/16", "--sweep-attacks", "fgsm,pgd10",
+    assert run_cli("evaluate", natural_ckpt, "--n", "32", "--attacks", "fgsm,pgd10", "--eps-sweep", "0,1/16,3/16", "--sweep-attacks", "fgsm,pgd10",
                "--steps-sweep", "1,5", "--out", out) == 0
     rows = pq.read_table(out / "eval.parquet").to_pylist()
     assert {"attack", "eps", "accuracy", "n", "flags"} <= set(rows[0])
@@ -184,9 +178,9 @@ def test_cli_evaluate_with_sweeps_then_compare(natural_ckpt, tmp_path):
     assert (out / "eps_sweep.png").stat().st_size > 1000 and (out / "steps_sweep.png").exists()
     report = (out / "report.md").read_text()
     assert "Accuracy vs eps" in report and "command" in report
-    assert cli("compare", out, out, "--out", tmp_path / "cmp") == 0
+    assert run_cli("compare", out, out, "--out", tmp_path / "cmp") == 0
     table = pq.read_table(tmp_path / "cmp" / "compare.parquet").to_pylist()
     assert len(table) == 2 and table[0]["pgd10"] == table[1]["pgd10"]
     assert (tmp_path / "cmp" / "compare_eps.png").exists()
-    assert cli("evaluate", natural_ckpt, "--attacks", "transfer") == 2
-    assert cli("evaluate", natural_ckpt, "--steps-sweep", "a,b") == 2
+    assert run_cli("evaluate", natural_ckpt, "--attacks", "transfer") == 2
+    assert run_cli("evaluate", natural_ckpt, "--steps-sweep", "a,b") == 2

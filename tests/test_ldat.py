@@ -14,6 +14,7 @@ from raydefense.evaluate.rejection import (REJECT_ATTACKS, deepfool, defense_suc
 from raydefense.methods import MethodContext, build_method
 from raydefense.methods.ldat import default_l2_budget, lambda_at
 from raydefense.models.gaussian_mixture import GaussianMixtureHead, gm_predict
+from helpers import run_cli
 
 
 def test_head_softmax_is_gaussian_posterior_with_equal_priors():
@@ -167,19 +168,12 @@ def test_batched_deepfool_matches_torchattacks(natural_model, digits):
 def test_reject_cli_writes_parquet_and_refuses_bad_threshold(natural_ckpt, tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from raydefense.cli import main
 
-    def run(*args):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
 
-    assert run("reject", natural_ckpt, "--n", "12", "--attacks", "pgd20,deepfool", "--out", tmp_path) == 0
+    assert run_cli("reject", natural_ckpt, "--n", "12", "--attacks", "pgd20,deepfool", "--out", tmp_path) == 0
     rows = pq.read_table(tmp_path / "reject.parquet").to_pylist()
     assert [r["attack"] for r in rows] == ["clean", "pgd20", "deepfool", "worst-oblivious", "worst-all"]
     assert all(r["n"] == 12 and r["threshold"] == 0.6 for r in rows)
     capsys.readouterr()
-    assert run("reject", natural_ckpt, "--threshold", "1.5") == 2
+    assert run_cli("reject", natural_ckpt, "--threshold", "1.5") == 2
     assert "threshold" in capsys.readouterr().err

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,6 +17,7 @@ from raydefense import load_model
 from raydefense.config import TrainConfig
 from raydefense.distributed.experiment import Resources
 from raydefense.sweep import SWEEP_COLUMNS, SweepRequest, run_afs_sweep
+from helpers import wait_for
 
 pytestmark = pytest.mark.ray
 TINY = dict(epochs=1, attack_steps=2, val_attack_steps=2)
@@ -47,13 +47,6 @@ def test_two_budget_sweep_with_fractional_gpus(ray_session, digits, tmp_path):
     assert not torch.cuda.is_available()  # the GPU share was scheduling only
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_interrupted_sweep_resumes_from_checkpoints(ray_session, tmp_path):
@@ -66,7 +59,7 @@ def test_interrupted_sweep_resumes_from_checkpoints(ray_session, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         # generous deadline: it returns as soon as the first epoch's checkpoint exists
-        _wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
+        wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
         proc.send_signal(signal.SIGINT)
         first_output, _ = proc.communicate(timeout=300)
     finally:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import optuna
@@ -19,6 +18,7 @@ from raydefense.config import TrainConfig
 from raydefense.errors import UserError
 from raydefense.search_space import SPACES_DIR, load_search_space, parse_search_space
 from raydefense.tune import MaskingCheck, TuneRequest, pareto_front, run_tune, study_name
+from helpers import wait_for
 
 TINY = dict(attack_steps=2, val_attack_steps=2)
 NO_MASKING = MaskingCheck(top_k=2, threshold=1.0, n=32, steps=3, restarts=1)
@@ -177,13 +177,6 @@ def test_pareto_mode_returns_non_dominated_trials(ray_session, digits, tmp_path)
         TuneRequest("mart", space, TrainConfig(), tmp_path, objective="pareto", scheduler="asha").validate()
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.mark.ray
@@ -197,7 +190,7 @@ def test_interrupted_search_resumes_and_study_stays_consistent(ray_session, tmp_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        _wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
+        wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
         proc.send_signal(signal.SIGINT)
         first_output, _ = proc.communicate(timeout=120)
     finally:

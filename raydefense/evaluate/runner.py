@@ -287,7 +287,6 @@ def sanity_flags(result: EvalResult, tol: float = 0.01) -> list[dict]:
     """The checks of METHODS.md on one evaluation: each returns {code, message, attacks}."""
     rs = result.results + result.probes
     acc = {r.attack: r.accuracy for r in rs}
-    by = {r.attack: r for r in rs}
     t = _tol(result.n, tol)
     flags: list[dict] = []
 
