@@ -208,7 +208,12 @@ def test_interrupted_search_resumes_and_study_stays_consistent(ray_session, tmp_
     ids = _study_ids(out, name)
     assert sorted(ids) == sorted(r["trial_id"] for r in rows)  # one study trial per Tune trial, no duplicate
     assert set(before) <= set(ids)
-    for result_log in (out / "tune").glob("*/result.json"):  # resumed trials continue, never start over
+    # Resumed trials continue from their last persisted checkpoint and never start over. The one epoch
+    # that was in flight when SIGINT arrived may run again (Tune resumes from the last checkpoint it
+    # committed), so at most one epoch may appear twice; epochs never go backwards.
+    for result_log in (out / "tune").glob("*/result.json"):
         epochs = [r["epoch"] for r in map(json.loads, result_log.read_text().splitlines()) if not r["done_training"]]
-        assert epochs == sorted(set(epochs)), (result_log.parent.name, epochs)
+        repeated = [e for e in set(epochs) if epochs.count(e) > 1]
+        assert epochs == sorted(epochs), (result_log.parent.name, epochs)  # a start-over would go backwards
+        assert len(repeated) <= 1 and all(epochs.count(e) == 2 for e in repeated), (result_log.parent.name, epochs)
     assert (out / "best.json").is_file()
