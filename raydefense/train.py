@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from raydefense.attacks import pgd_ce
+from raydefense.attacks import pgd_ce_until_fooled
 from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
                                    load_module_states, module_states, read_config, safe_torch_load,
                                    save_checkpoint)
@@ -96,13 +96,14 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
                     batch_size: int = 512, generator: torch.Generator | None = None) -> float:
-    """Accuracy under PGD-``steps`` (L-inf, step eps/4, random start), model in eval mode."""
+    """Accuracy under PGD-``steps`` (L-inf, step eps/4, random start), model in eval mode; a sample
+    counts as broken at the first iterate that fools the model (``pgd_ce_until_fooled``)."""
     if eps <= 0 or steps <= 0:
         return accuracy(model, x, y, batch_size)
     correct = 0
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        xa = pgd_ce(model, xb, yb, eps, steps, eps / 4, generator=generator)
+        xa = pgd_ce_until_fooled(model, xb, yb, eps, steps, eps / 4, generator=generator)
         with torch.no_grad():
             correct += int((model(xa).argmax(1) == yb).sum())
     return correct / max(1, len(y))

@@ -308,7 +308,7 @@ def collect(grid, req: TuneRequest, splits: Splits) -> TuneOutcome:
 def masking_check(ckpt: Path, splits: Splits, train: TrainConfig, check: MaskingCheck) -> dict[str, Any]:
     """Objective-PGD vs a stronger attack on a validation subset; a large gap means masked gradients."""
     from raydefense import load_model
-    from raydefense.attacks import pgd_ce
+    from raydefense.attacks import pgd_ce_until_fooled
 
     model = load_model(ckpt, "cpu")
     x, y = splits.val.tensors()
@@ -317,7 +317,7 @@ def masking_check(ckpt: Path, splits: Splits, train: TrainConfig, check: Masking
     gen = torch.Generator().manual_seed(0)
 
     def correct_under(steps: int) -> torch.Tensor:
-        xa = pgd_ce(model, x, y, eps, steps, eps / 4, generator=gen)
+        xa = pgd_ce_until_fooled(model, x, y, eps, steps, eps / 4, generator=gen)
         with torch.no_grad():
             return model(xa).argmax(1) == y
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydefense.attacks import eval_mode, fgsm, pgd, pgd_ce
+from raydefense.attacks import eval_mode, fgsm, pgd, pgd_ce, pgd_ce_until_fooled
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,48 @@ def test_at_least_as_strong_as_torchattacks(natural_model, test_batch):
         loss_ours = F.cross_entropy(natural_model(ours), y)
     assert _acc(natural_model, ours, y) <= _acc(natural_model, ref, y) + 0.03
     assert loss_ours >= 0.9 * loss_ref
+
+
+class BatchSizeRecorder(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_until_fooled_breaks_everything_plain_pgd_breaks(natural_model, test_batch, norm, eps):
+    """Evaluation PGD: at least as strong per sample as plain PGD, identical on the survivors."""
+    x, y = test_batch
+    plain = pgd_ce(natural_model, x, y, eps, steps=10, norm=norm, generator=torch.Generator().manual_seed(5))
+    model = BatchSizeRecorder(natural_model)
+    fast = pgd_ce_until_fooled(model, x, y, eps, steps=10, norm=norm, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain_ok = natural_model(plain).argmax(1) == y
+        fast_ok = natural_model(fast).argmax(1) == y
+    assert 0 < int(fast_ok.sum()) < len(y) - 10  # the budget leaves survivors and breaks many
+    assert not (fast_ok & ~plain_ok).any()  # nothing plain PGD breaks survives here
+    assert torch.allclose(fast[fast_ok], plain[fast_ok], atol=1e-6)  # survivors took plain PGD's path
+    delta = (fast - x).flatten(1)
+    bound = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert bound.max() <= eps + 1e-5 and fast.min() >= 0 and fast.max() <= 1
+    assert model.sizes[0] == len(y) and model.sizes[-1] < len(y)  # broken samples left the batch
+    assert sum(model.sizes) < 0.8 * 10 * len(y)
+
+
+def test_until_fooled_keeps_eval_mode_and_weight_grads_clean(natural_model, test_batch):
+    x, y = test_batch
+    model = ModeRecorder(natural_model)
+    model.train()
+    for p in natural_model.parameters():
+        p.grad = None
+    pgd_ce_until_fooled(model, x[:16], y[:16], 0.1, steps=3)
+    assert model.modes and not any(model.modes) and model.training
+    assert all(p.grad is None for p in natural_model.parameters())
 
 
 def test_custom_objective_and_start_point(natural_model, test_batch):

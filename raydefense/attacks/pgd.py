@@ -71,23 +71,36 @@ def pgd(loss_fn: Objective, x: torch.Tensor, eps: float, steps: int, step_size: 
     x = x.detach()
     if eps <= 0 or steps <= 0:
         return x.clone()
-    if step_size is None:
-        step_size = eps / 4 if norm == "linf" else max(eps / 4, 2.5 * eps / steps)
-    if x_init is not None:
-        delta = project(x_init.detach() - x, x, eps, norm)
-    else:
-        delta = random_start(x, eps, norm, generator) if rand_init else torch.zeros_like(x)
+    step_size = _default_step(eps, steps, norm) if step_size is None else step_size
+    delta = _start(x, eps, norm, rand_init, generator, x_init)
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = loss_fn(x + delta)
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
-            if norm == "linf":
-                delta = delta + step_size * grad.sign()
-            else:
-                delta = delta + step_size * grad / _l2_norm(grad)
-            delta = project(delta, x, eps, norm)
+            delta = _ascend(delta, grad, x, eps, step_size, norm)
     return (x + delta).detach()
+
+
+def _default_step(eps: float, steps: int, norm: Norm) -> float:
+    return eps / 4 if norm == "linf" else max(eps / 4, 2.5 * eps / steps)
+
+
+def _start(x: torch.Tensor, eps: float, norm: Norm, rand_init: bool, generator: torch.Generator | None,
+           x_init: torch.Tensor | None = None) -> torch.Tensor:
+    if x_init is not None:
+        return project(x_init.detach() - x, x, eps, norm)
+    return random_start(x, eps, norm, generator) if rand_init else torch.zeros_like(x)
+
+
+def _ascend(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float, step_size: float,
+            norm: Norm) -> torch.Tensor:
+    """One ascent step (sign step for L-inf, normalized gradient for L2), projected back."""
+    if norm == "linf":
+        delta = delta + step_size * grad.sign()
+    else:
+        delta = delta + step_size * grad / _l2_norm(grad)
+    return project(delta, x, eps, norm)
 
 
 def ce_objective(model: nn.Module, y: torch.Tensor) -> Objective:
@@ -101,6 +114,45 @@ def pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps
     """Untargeted PGD on cross-entropy with the model in eval mode (its mode restored afterwards)."""
     with eval_mode(model):
         return pgd(ce_objective(model, y), x, eps, steps, step_size, norm, rand_init, generator)
+
+
+def pgd_ce_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
+                        step_size: float | None = None, norm: Norm = "linf", rand_init: bool = True,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Evaluation PGD on cross-entropy that keeps, per sample, the first iterate that fools the model.
+
+    A sample leaves the batch as soon as an iterate is misclassified (read off the logits the
+    step computes anyway, so no extra forward pass); the others follow exactly the trajectory of
+    ``pgd_ce`` with the same generator (same random start, per-sample summed loss, no batch
+    statistics in eval mode). So every sample ``pgd_ce`` breaks is broken here too, plus those
+    whose intermediate iterates were misclassified but not the last one: robust accuracy is never
+    higher, and broken samples stop costing compute (AutoAttack drops them between attacks for the
+    same reason). Only for evaluation: training wants the final iterate.
+    """
+    x = x.detach()
+    if eps <= 0 or steps <= 0:
+        return x.clone()
+    step_size = _default_step(eps, steps, norm) if step_size is None else step_size
+    x_adv = x.clone()
+    active = torch.arange(len(y), device=x.device)
+    with eval_mode(model):
+        delta = _start(x, eps, norm, rand_init, generator)
+        xs, ys = x, y
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            logits = model(xs + delta)
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, ys, reduction="sum"), delta)
+            with torch.no_grad():
+                fooled = logits.argmax(1) != ys
+                if fooled.any():
+                    x_adv[active[fooled]] = (xs + delta)[fooled]
+                    keep = ~fooled
+                    active, xs, ys, delta, grad = active[keep], xs[keep], ys[keep], delta[keep], grad[keep]
+                    if len(active) == 0:
+                        return x_adv
+                delta = _ascend(delta.detach(), grad, xs, eps, step_size, norm)
+        x_adv[active] = (xs + delta).detach()
+    return x_adv
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from raydefense.attacks import eval_mode, pgd_ce
+from raydefense.attacks import eval_mode, pgd_ce, pgd_ce_until_fooled
 from raydefense.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _pgd(steps: int, restarts: int = 1, norm: str = "linf") -> AttackFn:
         still_correct = torch.ones(len(y), dtype=torch.bool, device=x.device)
         xa = x
         for _ in range(restarts):
-            xa = pgd_ce(model, x, y, eps, steps=steps, norm=norm, generator=gen)
+            xa = pgd_ce_until_fooled(model, x, y, eps, steps=steps, norm=norm, generator=gen)
             with torch.no_grad():
                 fooled = model(xa).argmax(1) != y
             take = fooled & still_correct

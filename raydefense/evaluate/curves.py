@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from raydefense.attacks import eval_mode, pgd_ce
+from raydefense.attacks import eval_mode, pgd_ce, pgd_ce_until_fooled
 from raydefense.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,11 @@ class CurveAttack:
 
 
 def _pgd_linf(model, x, y, eps, gen):
-    return pgd_ce(model, x, y, eps, steps=20, step_size=eps / 4, norm="linf", generator=gen)
+    return pgd_ce_until_fooled(model, x, y, eps, steps=20, step_size=eps / 4, norm="linf", generator=gen)
 
 
 def _pgd_l2(model, x, y, eps, gen):
-    return pgd_ce(model, x, y, eps, steps=20, step_size=eps / 4, norm="l2", generator=gen)
+    return pgd_ce_until_fooled(model, x, y, eps, steps=20, step_size=eps / 4, norm="l2", generator=gen)
 
 
 def _fgsm(model, x, y, eps, gen):
