@@ -32,22 +32,39 @@ def _register() -> None:
     from raydefense.cli import cluster, compare, reject, route  # noqa: F401
 
 
+# typer >= 0.20 vendors its own click (``typer._click``), whose exceptions are not the ``click``
+# package's: catch both families, through typer's public names where it has them.
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE = (click.ClickException, typer.exceptions.TyperException)
+
+
+def _usage_line(exc: Exception) -> str:
+    """One line for a usage error: the message and where to read the options."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {message}{where}"
+
+
 def main(argv: list[str] | None = None) -> None:
     _register()
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="raydefense", standalone_mode=False)
+        code = command.main(args=argv, prog_name="raydefense", standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except _ABORT:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except _USAGE as exc:
+        click.echo(_usage_line(exc), err=True)
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
     except KeyboardInterrupt:
         click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
         sys.exit(130)
+    if isinstance(code, int) and code:  # without standalone mode, click returns Exit's code instead of raising
+        sys.exit(code)
