@@ -47,6 +47,15 @@ def test_merger_trains_only_the_merger_through_the_whole_stack(sweep_dir, digits
     assert x.grad.abs().sum() > 0
 
 
+def test_untrained_stack_is_the_logit_average_of_its_extractors(sweep_dir, digits):
+    extractors = [load_extractor(sweep_dir / "extractors" / f"b{b}_s0", torch.device("cpu"))[0] for b in (0, 4, 8)]
+    stack = AFSStack(extractors, 10).eval()
+    x, _ = digits.test.tensors()
+    with torch.no_grad():
+        average = torch.stack([e(x[:32]) for e in extractors]).mean(0)
+        assert torch.allclose(stack(x[:32]), average, atol=1e-5)
+
+
 def test_stack_command_writes_checkpoint_and_table(sweep_dir, digits):
     outcome = run_stack(sweep_dir, select="0,4", alphas=[0.5, 1.0], merger=MergerConfig(epochs=1, attack_steps=2),
                         n=40, attacks="clean,pgd20,aa")

@@ -18,7 +18,7 @@ def stack_afs(
     sweep_dir: Path = typer.Argument(..., help="output directory of `raydefense sweep afs`"),
     select: str = typer.Option("auto", help="'auto' (Delta_z concavity rule) or budgets such as 3..8"),
     alpha: str = typer.Option("0.5", help="clean-loss weight; a list (0,0.2,0.5,0.8,1) gives the paper's Table 2"),
-    epochs: int = typer.Option(5, help="merger epochs"),
+    epochs: Optional[int] = typer.Option(None, help="merger epochs [default: 15, MergerConfig.epochs]"),
     eps: Optional[str] = typer.Option(None, help="merger budget [default: the dataset's standard eps]"),
     lr: float = typer.Option(0.1, help="merger learning rate"),
     n: Optional[int] = typer.Option(None, help="evaluate on the first N test samples [default: all]"),
@@ -40,6 +40,7 @@ def stack_afs(
         raise UserError(f"cannot read --alpha {alpha!r}; write e.g. 0.5 or 0,0.2,0.5,0.8,1") from None
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
         raise UserError(f"--alpha values must lie in [0, 1], got {alpha!r}")
+    epochs = MergerConfig.epochs if epochs is None else epochs
     if epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
     merger = MergerConfig(alpha=alphas[0], eps=parse_eps(eps) if eps else None, epochs=epochs, lr=lr, seed=seed)
