@@ -117,17 +117,6 @@ def test_short_afd_run_lowers_lc_and_confuses_the_discriminator(digits, tmp_path
     assert h["val_h_divergence"] == pytest.approx(2 * abs(2 * h["val_disc_acc"] - 1))
 
 
-def test_normalized_auc_by_hand():
-    from raydefense.evaluate.curves import normalized_auc
-
-    # trapezoids: 0.1 * (1 + 0.5) / 2 + 0.1 * (0.5 + 0) / 2 = 0.1; / max_eps 0.2 = 0.5
-    assert normalized_auc([0.0, 0.1, 0.2], [1.0, 0.5, 0.0]) == pytest.approx(0.5)
-    assert normalized_auc([0.2, 0.0, 0.1], [0.0, 1.0, 0.5]) == pytest.approx(0.5)  # order does not matter
-    assert normalized_auc([0.0, 0.3], [1.0, 1.0]) == pytest.approx(1.0)
-    # uneven spacing: 0.1 * 0.9 + 0.3 * 0.4 = 0.21; / 0.4
-    assert normalized_auc([0.0, 0.1, 0.4], [1.0, 0.8, 0.0]) == pytest.approx(0.21 / 0.4)
-
-
 def test_curves_fall_with_eps_and_stay_in_the_ball(natural_model, digits):
     from raydefense.evaluate.curves import accuracy_curve, auc_table
 

@@ -56,6 +56,7 @@ def test_normalized_auc_matches_hand_computation():
     assert normalized_auc([0.2, 0.0, 0.1], [0.0, 1.0, 0.5]) == pytest.approx(0.5)
     assert normalized_auc([0, 1 / 16, 3 / 16], [1.0, 1.0, 1.0]) == pytest.approx(1.0)
     assert normalized_auc([0, 0.1, 0.3], [1.0, 0.0, 0.0]) == pytest.approx(0.05 / 0.3)
+    assert normalized_auc([0.0, 0.1, 0.4], [1.0, 0.8, 0.0]) == pytest.approx(0.21 / 0.4)  # uneven: 0.09 + 0.12
     with pytest.raises(ValueError):
         normalized_auc([0.1], [1.0])
 

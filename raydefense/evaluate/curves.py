@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from raydefense.attacks import eval_mode, pgd_ce, pgd_ce_until_fooled
+from raydefense.evaluate.sweeps import normalized_auc  # one definition, shared with `evaluate --eps-sweep`
 from raydefense.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,19 +90,6 @@ def default_eps_list(norm: str, standard_eps: float, num_pixels: int, points: in
     (measured on digits: PGD-AT models fall to ~0 at 1.75x (L-inf) and 0.75x (L2) of these)."""
     top = standard_eps * (2.0 if norm == "linf" else math.sqrt(num_pixels))
     return [top * i / (points - 1) for i in range(points)]
-
-
-def normalized_auc(eps_list: Sequence[float], accuracies: Sequence[float]) -> float:
-    """Trapezoid area under accuracy(eps) divided by max_eps * 1 (paper Table 2): 1.0 for a model
-    that is always right over [0, max_eps]. The eps list should start at 0 (clean accuracy)."""
-    if len(eps_list) != len(accuracies) or len(eps_list) < 2:
-        raise ValueError("need at least two (eps, accuracy) points of equal length")
-    pairs = sorted(zip(eps_list, accuracies))
-    top = pairs[-1][0]
-    if top <= 0:
-        raise ValueError("max eps must be > 0")
-    area = sum((e1 - e0) * (a0 + a1) / 2 for (e0, a0), (e1, a1) in zip(pairs, pairs[1:]))
-    return area / (top * 1.0)
 
 
 def _inside_ball(xa: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> None:

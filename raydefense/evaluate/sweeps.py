@@ -24,7 +24,11 @@ STEPS = (1, 2, 5, 10, 20, 50, 100)
 
 
 def normalized_auc(eps: Sequence[float], acc: Sequence[float]) -> float:
-    """Trapezoid area under accuracy(eps) divided by the eps range: 1.0 means 100 % everywhere."""
+    """Trapezoid area under accuracy(eps) divided by the eps range: 1.0 means 100 % everywhere.
+
+    With a grid starting at eps 0 (clean accuracy) this is the AFD paper's Table 2 AUC (area / max eps)."""
+    if len(eps) != len(acc):
+        raise ValueError("need as many accuracies as eps values")
     pts = sorted(zip(eps, acc))
     if len(pts) < 2 or pts[-1][0] == pts[0][0]:
         raise ValueError("normalized AUC needs at least two distinct eps values")
