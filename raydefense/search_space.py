@@ -30,6 +30,7 @@ from typing import Any
 
 from raydefense.config import TrainConfig, _coerce
 from raydefense.errors import UserError
+from raydefense.yaml_file import read_yaml
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 TYPES = ("float", "log-float", "int", "categorical")
@@ -131,15 +132,7 @@ def space_path(method: str, path: str | Path | None = None) -> Path:
 def load_search_space(path: str | Path, method: str | None = None, check_options: bool = True) -> SearchSpace:
     """Parse and validate a YAML search space. ``method`` (when given and registered) checks the
     ``options.*`` keys against its Options dataclass; unregistered methods skip that check."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"search space {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "search space")
     return parse_search_space(data, str(path), method, check_options)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -25,3 +29,22 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll: flo
             return
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def unbuffered_env() -> dict[str, str]:
+    """The environment for a CLI subprocess whose output is read as it runs."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def interrupt_after_first_checkpoint(cmd: list[str], out: Path, stop_timeout: float) -> tuple[int, str]:
+    """Start a CLI run, Ctrl-C it once a trial has written its first checkpoint under ``out/tune``;
+    return its exit code and output. The deadline is generous: it returns as soon as the file exists."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=unbuffered_env())
+    try:
+        wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=stop_timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, output

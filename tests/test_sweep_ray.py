@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ from raydefense import load_model
 from raydefense.config import TrainConfig
 from raydefense.distributed.experiment import Resources
 from raydefense.sweep import SWEEP_COLUMNS, SweepRequest, run_afs_sweep
-from helpers import wait_for
+from helpers import interrupt_after_first_checkpoint, unbuffered_env
 
 pytestmark = pytest.mark.ray
 TINY = dict(epochs=1, attack_steps=2, val_attack_steps=2)
@@ -55,20 +53,11 @@ def test_interrupted_sweep_resumes_from_checkpoints(ray_session, tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "raydefense", "sweep", "afs", "--budgets", "0,3", "--epochs", "4",
            "--attack-steps", "2", "--val-attack-steps", "2", "--out", str(out), "--address", address]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        # generous deadline: it returns as soon as the first epoch's checkpoint exists
-        wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
-        proc.send_signal(signal.SIGINT)
-        first_output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, first_output[-2000:]
+    returncode, first_output = interrupt_after_first_checkpoint(cmd, out, stop_timeout=300)
+    assert returncode == 130, first_output[-2000:]
     assert not (out / "sweep.parquet").exists()  # no table that looks complete
 
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=unbuffered_env(), timeout=900)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     rows = pq.read_table(out / "sweep.parquet").to_pylist()
     assert [r["budget"] for r in rows] == [0, 3] and all(r["status"] == "ok" for r in rows)

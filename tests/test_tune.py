@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +16,7 @@ from raydefense.config import TrainConfig
 from raydefense.errors import UserError
 from raydefense.search_space import SPACES_DIR, load_search_space, parse_search_space
 from raydefense.tune import MaskingCheck, TuneRequest, pareto_front, run_tune, study_name
-from helpers import wait_for
+from helpers import interrupt_after_first_checkpoint, unbuffered_env
 
 TINY = dict(attack_steps=2, val_attack_steps=2)
 NO_MASKING = MaskingCheck(top_k=2, threshold=1.0, n=32, steps=3, restarts=1)
@@ -187,21 +185,13 @@ def test_interrupted_search_resumes_and_study_stays_consistent(ray_session, tmp_
     cmd = [sys.executable, "-m", "raydefense", "tune", "trades", "--samples", "3", "--epochs", "3",
            "--grace-period", "1", "--attack-steps", "2", "--val-attack-steps", "2", "--masking-n", "32",
            "--masking-threshold", "1", "--out", str(out), "--address", address]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
-        proc.send_signal(signal.SIGINT)
-        first_output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, first_output[-3000:]
+    returncode, first_output = interrupt_after_first_checkpoint(cmd, out, stop_timeout=120)
+    assert returncode == 130, first_output[-3000:]
     assert not (out / "trials.parquet").exists() and not (out / "best.json").exists()
     name = "raydefense-trades-tradeoff"
     before = _study_ids(out, name) if (out / "optuna.db").exists() else []
 
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=unbuffered_env(), timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(rows) == 3 and {r["status"] for r in rows} <= {"ok", "stopped"}

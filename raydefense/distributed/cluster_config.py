@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raydefense.errors import UserError
+from raydefense.yaml_file import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +48,7 @@ class ClusterCheck:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"cluster config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file") from None
+    data = read_yaml(path, "cluster config")
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping (cluster_name, provider, ...), not {type(data).__name__}")
     return data
