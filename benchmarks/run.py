@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from raydefense.attacks import pgd_ce
+from raydefense.attacks.shards import cpu_attack_shards
 from raydefense.config import TrainConfig
 from raydefense.data import load_splits
 from raydefense.fast import autocast, prepare_modules, to_memory_format
@@ -89,14 +90,15 @@ def report(title: str, rates: dict[str, list[float]], unit: str, reference: str)
 
 
 # -- training step -----------------------------------------------------------------------------
-def train_cfg(**fast) -> TrainConfig:
+def train_cfg(threads: int = 1, **fast) -> TrainConfig:
     # eps warm-up off so both loops attack at the full standard eps (1/4 on digits) from step one
     return TrainConfig(method="pgd-at", dataset="digits", eps_warmup_epochs=0, attack_steps=10,
-                       batch_size=128, threads=1, device="cpu", **fast)
+                       batch_size=128, threads=threads, device="cpu", **fast)
 
 
 def raydefense_step(cfg: TrainConfig, splits, init_state: dict, batches: list) -> tuple[Callable[[], int], object]:
-    """The pgd-at Method's train_step exactly as fit drives it (fast paths from cfg)."""
+    """The pgd-at Method's train_step exactly as fit drives it (fast paths from cfg; on a CPU, attacks
+    sharded over ``cfg.threads`` single-threaded workers, as ``fit`` does)."""
     ctx = MethodContext(cfg, splits.info, CPU, steps_per_epoch=len(batches),
                         generator=torch.Generator().manual_seed(0))
     method = build_method(ctx)
@@ -108,18 +110,21 @@ def raydefense_step(cfg: TrainConfig, splits, init_state: dict, batches: list) -
 
     def run(n_batches: int) -> int:
         images = 0
-        for _ in range(n_batches):
-            xb, yb = batches[next(it) % len(batches)]
-            with autocast(cfg, CPU):
-                method.train_step(to_memory_format(xb, cfg), yb)
-            images += len(yb)
+        torch.set_num_threads(cfg.threads)
+        with cpu_attack_shards(cfg.threads):
+            for _ in range(n_batches):
+                xb, yb = batches[next(it) % len(batches)]
+                with autocast(cfg, CPU):
+                    method.train_step(to_memory_format(xb, cfg), yb)
+                images += len(yb)
         return images
 
     return run, method
 
 
-def reference_step(splits, init_state: dict, batches: list, eps: float):
-    """The common way: torchattacks.PGD, then forward, CE, zero_grad, backward, step."""
+def reference_step(splits, init_state: dict, batches: list, eps: float, threads: int = 1):
+    """The common way: torchattacks.PGD, then forward, CE, zero_grad, backward, step, with
+    ``threads`` torch intra-op threads (torch's default is one per core)."""
     import torchattacks
 
     from raydefense.models import build_classifier, default_arch
@@ -132,6 +137,7 @@ def reference_step(splits, init_state: dict, batches: list, eps: float):
 
     def run(n_batches: int) -> int:
         images = 0
+        torch.set_num_threads(threads)
         for _ in range(n_batches):
             xb, yb = batches[next(it) % len(batches)]
             model.train()
@@ -154,8 +160,9 @@ def flops_per_image(fn: Callable[[], int]) -> float:
     return counter.get_total_flops() / images
 
 
-def matmul_ceiling(dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
-    """GFLOP/s of one-thread n x n matmuls (the same thread count the training runs with)."""
+def matmul_ceiling(dtype: torch.dtype, n: int = 512, reps: int = 5, threads: int = 1) -> float:
+    """GFLOP/s of n x n matmuls on ``threads`` threads (the thread count the training runs with)."""
+    torch.set_num_threads(threads)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     rates = []
@@ -165,6 +172,7 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
         for _ in range(k):
             a @ b
         rates.append(2 * n**3 * k / (time.perf_counter() - tic) / 1e9)
+    torch.set_num_threads(1)
     return statistics.median(rates)
 
 
@@ -334,6 +342,37 @@ def bench_train(args, splits, batches, init_state, eps, reps, chunk, ratios) -> 
         print(f"  raydefense {name:<20} {achieved:6.2f} GFLOP/s = {100 * achieved / ceil:5.1f} % of the {kind} ceiling")
     achieved = ref_flops * ref_rate / 1e9
     print(f"  reference                       {achieved:6.2f} GFLOP/s = {100 * achieved / ceil32:5.1f} % of the fp32 ceiling")
+    bench_train_machine(splits, batches, init_state, eps, reps, chunk, flops, ratios)
+
+
+def bench_train_machine(splits, batches, init_state, eps, reps, chunk, flops, ratios) -> None:
+    """Both loops given every core, as each would run by default on this machine: the reference with
+    torch's default intra-op threads (one per core), raydefense with threads = cores, i.e. its attacks
+    sharded over single-threaded workers (raydefense.attacks.shards)."""
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        print("\n(one core: no whole-machine comparison)")
+        return
+    ref_run, _ = reference_step(splits, init_state, batches, eps, threads=cores)
+    ref_name = f"reference ({cores} threads)"
+    fns: dict[str, Callable[[], int]] = {ref_name: lambda: ref_run(chunk)}
+    variants = {"plain": {}, "channels_last": {"channels_last": True}}
+    for name, fast in variants.items():
+        run, _ = raydefense_step(train_cfg(threads=cores, **fast), splits, init_state, batches)
+        run(2)
+        fns[f"raydefense {name} ({cores} shards)"] = (lambda r=run: r(chunk))
+    ref_run(2)
+    rates = interleaved(fns, reps)
+    torch.set_num_threads(1)
+    med = report(f"PGD-10 adversarial training on all {cores} cores, images/s ({reps} interleaved reps x {chunk} batches)",
+                 rates, "img/s", ref_name)
+    ceiling = matmul_ceiling(torch.float32, threads=cores)
+    print(f"matmul ceiling, {cores} threads, 512x512: fp32 {ceiling:.1f} GFLOP/s  ({loadavg()})")
+    for name in fns:
+        achieved = flops * med[name] / 1e9
+        print(f"  {name:<40} {achieved:6.2f} GFLOP/s = {100 * achieved / ceiling:5.1f} % of the fp32 ceiling")
+    for name in variants:
+        ratios[f"train_pgd10_{cores}cores_{name}"] = med[f"raydefense {name} ({cores} shards)"] / med[ref_name]
 
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from raydefense.attacks import pgd_ce_until_fooled
+from raydefense.attacks.shards import cpu_attack_shards
 from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
                                    load_module_states, module_states, read_config, safe_torch_load,
                                    save_checkpoint)
@@ -133,6 +134,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     validate_fast_paths(cfg, device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()  # on CPU, attacks run as this many single-threaded shards
     seed_everything(cfg.seed)
     splits = splits or load_splits(cfg.dataset, cfg.data_dir, cfg.download)
     train_x, train_y = (t.to(device) for t in splits.train.tensors())
@@ -179,65 +181,66 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
         progress.start((cfg.epochs - start_epoch) * n_batches, f"{cfg.method} eps={ctx.eps:.4g}")
     stale = _epochs_since_best(history, select) if history else 0
     stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs):
-        method.epoch = epoch
-        tic = time.perf_counter()
-        for m in method.modules().values():
-            m.train()
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        sums: dict[str, float] = {}
-        for b in range(n_batches):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
-            if data_parallel is not None:
-                idx = data_parallel.shard(idx)
-            method.batch_in_epoch = b
-            with autocast(cfg, device):
-                step_metrics = method.train_step(to_memory_format(train_x[idx], cfg), train_y[idx])
-            if data_parallel is not None:
-                step_metrics = data_parallel.average(step_metrics)
-            for k, v in step_metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            for sch in schedulers.values():
-                sch.step()
-            if progress is not None:
-                progress.advance(1, step_metrics)
-        train_time = time.perf_counter() - tic
+    with cpu_attack_shards(threads if device.type == "cpu" else 1):  # raydefense.attacks.shards
+        for epoch in range(start_epoch, cfg.epochs):
+            method.epoch = epoch
+            tic = time.perf_counter()
+            for m in method.modules().values():
+                m.train()
+            order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            sums: dict[str, float] = {}
+            for b in range(n_batches):
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
+                if data_parallel is not None:
+                    idx = data_parallel.shard(idx)
+                method.batch_in_epoch = b
+                with autocast(cfg, device):
+                    step_metrics = method.train_step(to_memory_format(train_x[idx], cfg), train_y[idx])
+                if data_parallel is not None:
+                    step_metrics = data_parallel.average(step_metrics)
+                for k, v in step_metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                for sch in schedulers.values():
+                    sch.step()
+                if progress is not None:
+                    progress.advance(1, step_metrics)
+            train_time = time.perf_counter() - tic
 
-        model = method.inference_module()
-        for m in method.modules().values():
-            m.eval()
-        metrics: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v / n_batches for k, v in sums.items()}}
-        metrics["val_clean_acc"] = accuracy(model, val_x, val_y)
-        metrics["val_robust_acc"] = robust_accuracy(model, val_x, val_y, ctx.eps, cfg.val_attack_steps, generator=attack_gen)
-        metrics.update(method.epoch_diagnostics(val_x, val_y))
-        metrics["lr"] = next(iter(method.optimizers.values())).param_groups[0]["lr"]
-        metrics["train_time_s"] = train_time
-        metrics["epoch_time_s"] = time.perf_counter() - tic
-        history.append(metrics)
+            model = method.inference_module()
+            for m in method.modules().values():
+                m.eval()
+            metrics: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v / n_batches for k, v in sums.items()}}
+            metrics["val_clean_acc"] = accuracy(model, val_x, val_y)
+            metrics["val_robust_acc"] = robust_accuracy(model, val_x, val_y, ctx.eps, cfg.val_attack_steps, generator=attack_gen)
+            metrics.update(method.epoch_diagnostics(val_x, val_y))
+            metrics["lr"] = next(iter(method.optimizers.values())).param_groups[0]["lr"]
+            metrics["train_time_s"] = train_time
+            metrics["epoch_time_s"] = time.perf_counter() - tic
+            history.append(metrics)
 
-        key = (metrics[select], metrics["val_clean_acc"])
-        if key > best_key:
-            best_key, best, stale = key, dict(metrics), 0
-            save_checkpoint(out_dir, checkpoint_config(cfg, method, finished=False, best=best),
-                            module_states(method.modules()))
-        else:
-            stale += 1
-        atomic_torch_save(out_dir / TRAINER_STATE, {
-            "modules": module_states(method.modules()),
-            "optimizers": {k: o.state_dict() for k, o in method.optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            "attack_rng": attack_gen.get_state(), "epoch": epoch + 1, "best": best})
-        with open(out_dir / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
-        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
-                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
-        if cfg.patience and stale >= cfg.patience:
-            stopped_early = True
-        if reporter is not None:
-            reporter(metrics, out_dir)
-        if stopped_early:
-            log.info("early stop: %s has not improved for %d epochs", select, stale)
-            break
+            key = (metrics[select], metrics["val_clean_acc"])
+            if key > best_key:
+                best_key, best, stale = key, dict(metrics), 0
+                save_checkpoint(out_dir, checkpoint_config(cfg, method, finished=False, best=best),
+                                module_states(method.modules()))
+            else:
+                stale += 1
+            atomic_torch_save(out_dir / TRAINER_STATE, {
+                "modules": module_states(method.modules()),
+                "optimizers": {k: o.state_dict() for k, o in method.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                "attack_rng": attack_gen.get_state(), "epoch": epoch + 1, "best": best})
+            with open(out_dir / METRICS_FILE, "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
+            if cfg.patience and stale >= cfg.patience:
+                stopped_early = True
+            if reporter is not None:
+                reporter(metrics, out_dir)
+            if stopped_early:
+                log.info("early stop: %s has not improved for %d epochs", select, stale)
+                break
 
     config = read_config(out_dir)
     config.update(finished=True, best=best, epochs_run=len(history), stopped_early=stopped_early)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydefense.attacks.shards import sharded
+
 Norm = Literal["linf", "l2"]
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
@@ -111,9 +113,15 @@ def ce_objective(model: nn.Module, y: torch.Tensor) -> Objective:
 def pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
            step_size: float | None = None, norm: Norm = "linf", rand_init: bool = True,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Untargeted PGD on cross-entropy with the model in eval mode (its mode restored afterwards)."""
+    """Untargeted PGD on cross-entropy with the model in eval mode (its mode restored afterwards).
+
+    Sharded over CPU threads inside ``cpu_attack_shards`` (raydefense.attacks.shards).
+    """
+    def attack(xs: torch.Tensor, ys: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        return pgd(ce_objective(model, ys), xs, eps, steps, step_size, norm, rand_init, gen)
+
     with eval_mode(model):
-        return pgd(ce_objective(model, y), x, eps, steps, step_size, norm, rand_init, generator)
+        return sharded(attack, [x, y], generator)
 
 
 def pgd_ce_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
@@ -127,31 +135,38 @@ def pgd_ce_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     statistics in eval mode). So every sample ``pgd_ce`` breaks is broken here too, plus those
     whose intermediate iterates were misclassified but not the last one: robust accuracy is never
     higher, and broken samples stop costing compute (AutoAttack drops them between attacks for the
-    same reason). Only for evaluation: training wants the final iterate.
+    same reason). Only for evaluation: training wants the final iterate. Sharded over CPU threads
+    inside ``cpu_attack_shards``.
     """
     x = x.detach()
     if eps <= 0 or steps <= 0:
         return x.clone()
     step_size = _default_step(eps, steps, norm) if step_size is None else step_size
+    with eval_mode(model):
+        return sharded(lambda xs, ys, gen: _until_fooled(model, xs, ys, eps, steps, step_size, norm, rand_init, gen),
+                       [x, y], generator)
+
+
+def _until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step_size: float,
+                  norm: Norm, rand_init: bool, generator: torch.Generator | None) -> torch.Tensor:
     x_adv = x.clone()
     active = torch.arange(len(y), device=x.device)
-    with eval_mode(model):
-        delta = _start(x, eps, norm, rand_init, generator)
-        xs, ys = x, y
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            logits = model(xs + delta)
-            (grad,) = torch.autograd.grad(F.cross_entropy(logits, ys, reduction="sum"), delta)
-            with torch.no_grad():
-                fooled = logits.argmax(1) != ys
-                if fooled.any():
-                    x_adv[active[fooled]] = (xs + delta)[fooled]
-                    keep = ~fooled
-                    active, xs, ys, delta, grad = active[keep], xs[keep], ys[keep], delta[keep], grad[keep]
-                    if len(active) == 0:
-                        return x_adv
-                delta = _ascend(delta.detach(), grad, xs, eps, step_size, norm)
-        x_adv[active] = (xs + delta).detach()
+    delta = _start(x, eps, norm, rand_init, generator)
+    xs, ys = x, y
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(xs + delta)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, ys, reduction="sum"), delta)
+        with torch.no_grad():
+            fooled = logits.argmax(1) != ys
+            if fooled.any():
+                x_adv[active[fooled]] = (xs + delta)[fooled]
+                keep = ~fooled
+                active, xs, ys, delta, grad = active[keep], xs[keep], ys[keep], delta[keep], grad[keep]
+                if len(active) == 0:
+                    return x_adv
+            delta = _ascend(delta.detach(), grad, xs, eps, step_size, norm)
+    x_adv[active] = (xs + delta).detach()
     return x_adv
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydefense.attacks import eval_mode, pgd
+from raydefense.attacks.shards import sharded
 from raydefense.methods.base import Method
 
 
@@ -62,16 +63,22 @@ class TradesOptions:
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, steps: int, step_size: float,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """TRADES' inner maximization: KL(model(x') || model(x)) from x + 0.001 * N(0, 1)."""
+    """TRADES' inner maximization: KL(model(x') || model(x)) from x + 0.001 * N(0, 1).
+
+    Sharded over CPU threads inside ``cpu_attack_shards`` (the KL is summed per sample).
+    """
     with eval_mode(model):
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
         start = (x + 0.001 * torch.randn(x.shape, generator=generator, device=x.device)).clamp(0, 1)
 
-        def kl(xa):
-            return F.kl_div(F.log_softmax(model(xa), dim=1), p_clean, reduction="sum")
+        def attack(xs: torch.Tensor, ps: torch.Tensor, starts: torch.Tensor, _gen) -> torch.Tensor:
+            def kl(xa):
+                return F.kl_div(F.log_softmax(model(xa), dim=1), ps, reduction="sum")
 
-        return pgd(kl, x, eps, steps, step_size, rand_init=False, x_init=start)
+            return pgd(kl, xs, eps, steps, step_size, rand_init=False, x_init=starts)
+
+        return sharded(attack, [x, p_clean, start], generator)
 
 
 class TRADES(SingleModelMethod):

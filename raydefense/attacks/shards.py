@@ -1,0 +1,106 @@
+"""Batch-sharded attacks on a multi-core CPU: one worker thread per shard, one intra-op thread each.
+
+An attack's samples are independent (model in eval mode, per-sample summed loss), so a batch can be
+split into N shards attacked at the same time on N threads. For the small models this project
+trains on CPU, that is what puts a second core to work: PyTorch's intra-op threading splits each
+tiny convolution over the cores and mostly waits on synchronization (measured on the 2-core CPU:
+2 intra-op threads ran the small CNN's PGD steps 0.98-1.19x as fast as 1 thread; 2 shards ran
+1.25-1.76x; docs/performance.md). PyTorch releases the GIL inside its kernels and autograd may run
+in several threads at once, so plain Python threads suffice.
+
+Within ``cpu_attack_shards(n)``, ``sharded`` runs an attack on n shards (shard 0 in the calling
+thread), with torch's intra-op threads set to 1 for the duration and the caller's autocast state
+carried into the workers (autocast is thread-local). Each shard draws its random start from its
+own generator, seeded in order from the caller's generator: a run is reproducible for a given
+shard count, but a different count draws different random starts. CUDA tensors are never sharded
+(one GPU stream is better fed by one large batch).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+MIN_SHARD = 8  # below this many samples per shard the threads' overhead outweighs the parallelism
+
+_local = threading.local()  # .inside: this thread is running a shard (nested attacks run inline)
+_config = {"shards": 1}
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+@contextmanager
+def cpu_attack_shards(n: int) -> Iterator[None]:
+    """Within this block, CPU attacks split their batch over ``n`` threads (n <= 1: no sharding)."""
+    previous = _config["shards"]
+    _config["shards"] = max(1, int(n))
+    try:
+        yield
+    finally:
+        _config["shards"] = previous
+
+
+def attack_shards() -> int:
+    """How many shards an attack started now in this thread would use (before the batch-size cap)."""
+    return 1 if getattr(_local, "inside", False) else _config["shards"]
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raydefense-shard")
+            _pool_size = workers
+        return _pool
+
+
+def _run_shard(fn: Callable[..., torch.Tensor], parts: list[torch.Tensor], generator: torch.Generator | None,
+               autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    _local.inside = True
+    try:
+        if autocast_dtype is None:
+            return fn(*parts, generator)
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            return fn(*parts, generator)
+    finally:
+        _local.inside = False
+
+
+def sharded(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor],
+            generator: torch.Generator | None) -> torch.Tensor:
+    """``fn(*shard_tensors, shard_generator) -> tensor`` over the batch (dim 0), concatenated.
+
+    ``tensors`` are the attack's per-sample inputs (images, labels, reference outputs...), all of
+    the same length. Without sharding this is exactly ``fn(*tensors, generator)``.
+    """
+    batch = len(tensors[0])
+    n = min(attack_shards(), batch // MIN_SHARD)
+    if n <= 1 or tensors[0].device.type != "cpu":
+        return fn(*tensors, generator)
+    if generator is None:
+        generators: list[torch.Generator | None] = [None] * n
+    else:
+        seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    parts = [t.tensor_split(n) for t in tensors]
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pool = _executor(n - 1)
+        futures = [pool.submit(_run_shard, fn, [p[i] for p in parts], generators[i], amp) for i in range(1, n)]
+        try:
+            outputs = [_run_shard(fn, [p[0] for p in parts], generators[0], amp)]
+        finally:
+            wait(futures)  # no worker may still run once the thread count is restored
+        outputs += [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(outputs)

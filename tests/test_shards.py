@@ -1,0 +1,122 @@
+"""Batch-sharded CPU attacks (raydefense/attacks/shards.py) compute exactly what attacking each
+shard alone computes, on parallel single-threaded workers; no timings here (benchmarks/run.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from raydefense.attacks import pgd_ce, pgd_ce_until_fooled
+from raydefense.attacks.shards import attack_shards, cpu_attack_shards, sharded
+from raydefense.config import TrainConfig
+from raydefense.methods.baselines import trades_adversary
+from raydefense.train import fit
+
+EPS = 0.25
+
+
+@pytest.fixture(scope="module")
+def batch(digits):
+    x, y = digits.test.tensors()
+    return x[:64], y[:64]
+
+
+def _shard_generators(seed: int, n: int) -> list[torch.Generator]:
+    """The generators ``sharded`` derives from a caller's generator seeded with ``seed``."""
+    seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+ATTACKS = {
+    "pgd_ce": lambda m, x, y, g: pgd_ce(m, x, y, EPS, 10, generator=g),
+    "pgd_ce_until_fooled": lambda m, x, y, g: pgd_ce_until_fooled(m, x, y, EPS, 10, generator=g),
+    "trades": lambda m, x, y, g: trades_adversary(m, x, EPS, 10, EPS / 4, generator=g),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_sharded_attack_equals_each_shard_attacked_alone(natural_model, batch, name):
+    attack = ATTACKS[name]
+    x, y = batch
+    with cpu_attack_shards(2):
+        together = attack(natural_model, x, y, torch.Generator().manual_seed(0))
+    gens = _shard_generators(0, 2)
+    if name == "trades":  # TRADES draws its start noise from the caller's generator before sharding
+        gens = [torch.Generator().manual_seed(0)] * 2
+        start_gen = torch.Generator().manual_seed(0)
+        alone = trades_adversary(natural_model, x, EPS, 10, EPS / 4, generator=start_gen)
+    else:
+        alone = torch.cat([attack(natural_model, xs, ys, g) for xs, ys, g in zip(x.tensor_split(2), y.tensor_split(2), gens)])
+    assert together.shape == x.shape
+    assert torch.equal(together, alone)
+    # and the attack still works: it breaks the natural model on most of the batch
+    with torch.no_grad():
+        assert (natural_model(together).argmax(1) == y).float().mean() < 0.5
+
+
+def test_shards_run_on_parallel_single_threaded_workers_with_the_callers_autocast(batch):
+    x, _ = batch
+    seen: list[tuple[int, int, bool]] = []
+    lock = threading.Lock()
+    both_started = threading.Barrier(2, timeout=10)  # fails unless the two shards run at the same time
+
+    def record(xs, _gen):
+        both_started.wait()
+        with lock:
+            seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_autocast_enabled("cpu")))
+        return xs * 2
+
+    torch.set_num_threads(2)
+    with cpu_attack_shards(2), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sharded(record, [x], None)
+    assert torch.equal(out, x * 2)
+    assert len({ident for ident, _, _ in seen}) == 2
+    assert all(threads == 1 and amp for _, threads, amp in seen)
+    assert torch.get_num_threads() == 2  # restored
+
+
+def test_a_failing_shard_raises_and_restores_the_thread_count(batch):
+    x, _ = batch
+
+    def fail_second(xs, _gen):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("shard failed")
+        return xs
+
+    torch.set_num_threads(2)
+    with cpu_attack_shards(2), pytest.raises(RuntimeError, match="shard failed"):
+        sharded(fail_second, [x], None)
+    assert torch.get_num_threads() == 2
+
+
+def test_small_batches_and_nested_attacks_run_inline(batch):
+    x, _ = batch
+    calls: list[int] = []
+
+    def inner(xs, _gen):
+        calls.append(len(xs))
+        return xs
+
+    def outer(xs, gen):
+        assert attack_shards() == 1  # inside a shard, attacks do not shard again
+        return sharded(inner, [xs], gen)
+
+    with cpu_attack_shards(4):
+        sharded(inner, [x[:10]], None)  # 10 samples: fewer than 2 shards' worth
+        assert calls == [10]
+        calls.clear()
+        sharded(outer, [x], None)
+    assert sorted(calls) == [16, 16, 16, 16]
+    assert attack_shards() == 1  # the setting ends with its block
+
+
+def test_fit_with_two_threads_is_reproducible_and_trains(tmp_path, digits):
+    cfg = TrainConfig(method="pgd-at", epochs=2, eps_warmup_epochs=0, attack_steps=3, val_attack_steps=3,
+                      threads=2, device="cpu")
+    first = fit(cfg, tmp_path / "a", splits=digits)
+    second = fit(cfg, tmp_path / "b", splits=digits)
+    assert [h["train_loss"] for h in first.history] == [h["train_loss"] for h in second.history]
+    assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
+    assert first.best["val_robust_acc"] > 0.1  # PGD-AT at eps 1/4 for 2 epochs already resists some attacks
