@@ -33,6 +33,17 @@ def validate_fast_paths(cfg: TrainConfig, device: torch.device) -> None:
         raise UserError("amp=fp16 needs a CUDA device (it needs loss scaling); on CPU use amp=bf16 or off")
     if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("amp=bf16: this GPU has no bf16 support; use amp=fp16 or off")
+    if cfg.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("amp=bf16: this CPU has no native bf16 (no AVX-512 BF16 / AMX); oneDNN emulates it, "
+                    "measured 8x slower than fp32 on an AVX2 CPU (docs/performance.md); amp=off is faster here")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 family or AMX); else it is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def prepare_modules(modules: Iterable[nn.Module], cfg: TrainConfig) -> None:

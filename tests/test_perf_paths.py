@@ -136,6 +136,18 @@ def test_options_validated():
         TrainConfig.from_dict({"compile": "maybe"})
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog, native):
+    import raydefense.fast as fast
+
+    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="raydefense.fast"):
+        validate_fast_paths(TrainConfig(amp="bf16"), CPU)
+        validate_fast_paths(TrainConfig(amp="off"), CPU)
+    warned = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+
+
 def test_options_round_trip_through_config_json(digits, tmp_path):
     """fit records the fast-path options in config.json, and the checkpoint loads back (weights
     saved in channels_last load into a plain model)."""
