@@ -74,7 +74,12 @@ def pgd(loss_fn: Objective, x: torch.Tensor, eps: float, steps: int, step_size: 
     if eps <= 0 or steps <= 0:
         return x.clone()
     step_size = _default_step(eps, steps, norm) if step_size is None else step_size
-    delta = _start(x, eps, norm, rand_init, generator, x_init)
+    return _ascent(loss_fn, x, _start(x, eps, norm, rand_init, generator, x_init), eps, steps, step_size, norm)
+
+
+def _ascent(loss_fn: Objective, x: torch.Tensor, delta: torch.Tensor, eps: float, steps: int, step_size: float,
+            norm: Norm) -> torch.Tensor:
+    """``steps`` ascent steps on ``loss_fn`` from x + delta; returns x_adv, detached."""
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = loss_fn(x + delta)
@@ -117,11 +122,14 @@ def pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps
 
     Sharded over CPU threads inside ``cpu_attack_shards`` (raydefense.attacks.shards).
     """
-    def attack(xs: torch.Tensor, ys: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        return pgd(ce_objective(model, ys), xs, eps, steps, step_size, norm, rand_init, gen)
-
+    x = x.detach()
+    if eps <= 0 or steps <= 0:
+        return x.clone()
+    step_size = _default_step(eps, steps, norm) if step_size is None else step_size
     with eval_mode(model):
-        return sharded(attack, [x, y], generator)
+        start = _start(x, eps, norm, rand_init, generator)  # drawn for the whole batch, shards or not
+        return sharded(lambda xs, ys, ds: _ascent(ce_objective(model, ys), xs, ds, eps, steps, step_size, norm),
+                       [x, y, start])
 
 
 def pgd_ce_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
@@ -143,15 +151,14 @@ def pgd_ce_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
         return x.clone()
     step_size = _default_step(eps, steps, norm) if step_size is None else step_size
     with eval_mode(model):
-        return sharded(lambda xs, ys, gen: _until_fooled(model, xs, ys, eps, steps, step_size, norm, rand_init, gen),
-                       [x, y], generator)
+        start = _start(x, eps, norm, rand_init, generator)  # drawn for the whole batch, shards or not
+        return sharded(lambda xs, ys, ds: _until_fooled(model, xs, ys, ds, eps, steps, step_size, norm), [x, y, start])
 
 
-def _until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step_size: float,
-                  norm: Norm, rand_init: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, eps: float, steps: int,
+                  step_size: float, norm: Norm) -> torch.Tensor:
     x_adv = x.clone()
     active = torch.arange(len(y), device=x.device)
-    delta = _start(x, eps, norm, rand_init, generator)
     xs, ys = x, y
     for _ in range(steps):
         delta.requires_grad_(True)

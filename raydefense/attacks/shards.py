@@ -10,10 +10,10 @@ in several threads at once, so plain Python threads suffice.
 
 Within ``cpu_attack_shards(n)``, ``sharded`` runs an attack on n shards (shard 0 in the calling
 thread), with torch's intra-op threads set to 1 for the duration and the caller's autocast state
-carried into the workers (autocast is thread-local). Each shard draws its random start from its
-own generator, seeded in order from the caller's generator: a run is reproducible for a given
-shard count, but a different count draws different random starts. CUDA tensors are never sharded
-(one GPU stream is better fed by one large batch).
+carried into the workers (autocast is thread-local). Sharding changes how an attack runs, not what
+it computes: callers draw random starts for the whole batch before sharding, so the shard count
+does not change which random numbers a sample gets (tests check the results match unsharded runs).
+CUDA tensors are never sharded (one GPU stream is better fed by one large batch).
 """
 
 from __future__ import annotations
@@ -61,43 +61,37 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _run_shard(fn: Callable[..., torch.Tensor], parts: list[torch.Tensor], generator: torch.Generator | None,
+def _run_shard(fn: Callable[..., torch.Tensor], parts: list[torch.Tensor],
                autocast_dtype: torch.dtype | None) -> torch.Tensor:
     _local.inside = True
     try:
         if autocast_dtype is None:
-            return fn(*parts, generator)
+            return fn(*parts)
         with torch.autocast("cpu", dtype=autocast_dtype):
-            return fn(*parts, generator)
+            return fn(*parts)
     finally:
         _local.inside = False
 
 
-def sharded(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor],
-            generator: torch.Generator | None) -> torch.Tensor:
-    """``fn(*shard_tensors, shard_generator) -> tensor`` over the batch (dim 0), concatenated.
+def sharded(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``fn(*shard_tensors) -> tensor`` over the batch (dim 0), concatenated in order.
 
-    ``tensors`` are the attack's per-sample inputs (images, labels, reference outputs...), all of
-    the same length. Without sharding this is exactly ``fn(*tensors, generator)``.
+    ``tensors`` are the attack's per-sample inputs (images, labels, random starts, reference
+    outputs...), all of the same length; ``fn`` must treat samples independently (eval mode, a
+    per-sample summed loss). Without sharding this is exactly ``fn(*tensors)``.
     """
-    batch = len(tensors[0])
-    n = min(attack_shards(), batch // MIN_SHARD)
+    n = min(attack_shards(), len(tensors[0]) // MIN_SHARD)
     if n <= 1 or tensors[0].device.type != "cpu":
-        return fn(*tensors, generator)
-    if generator is None:
-        generators: list[torch.Generator | None] = [None] * n
-    else:
-        seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        return fn(*tensors)
     parts = [t.tensor_split(n) for t in tensors]
     amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         pool = _executor(n - 1)
-        futures = [pool.submit(_run_shard, fn, [p[i] for p in parts], generators[i], amp) for i in range(1, n)]
+        futures = [pool.submit(_run_shard, fn, [p[i] for p in parts], amp) for i in range(1, n)]
         try:
-            outputs = [_run_shard(fn, [p[0] for p in parts], generators[0], amp)]
+            outputs = [_run_shard(fn, [p[0] for p in parts], amp)]
         finally:
             wait(futures)  # no worker may still run once the thread count is restored
         outputs += [f.result() for f in futures]

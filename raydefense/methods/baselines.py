@@ -72,13 +72,13 @@ def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, steps: int, 
             p_clean = F.softmax(model(x), dim=1)
         start = (x + 0.001 * torch.randn(x.shape, generator=generator, device=x.device)).clamp(0, 1)
 
-        def attack(xs: torch.Tensor, ps: torch.Tensor, starts: torch.Tensor, _gen) -> torch.Tensor:
+        def attack(xs: torch.Tensor, ps: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
             def kl(xa):
                 return F.kl_div(F.log_softmax(model(xa), dim=1), ps, reduction="sum")
 
             return pgd(kl, xs, eps, steps, step_size, rand_init=False, x_init=starts)
 
-        return sharded(attack, [x, p_clean, start], generator)
+        return sharded(attack, [x, p_clean, start])
 
 
 class TRADES(SingleModelMethod):
