@@ -83,9 +83,9 @@ def interleaved(fns: dict[str, Callable[[], int]], reps: int) -> dict[str, list[
 def report(title: str, rates: dict[str, list[float]], unit: str, reference: str) -> dict[str, float]:
     med = {n: statistics.median(v) for n, v in rates.items()}
     print(f"\n## {title}  ({loadavg()})")
-    print(f"{'variant':<28}{'median ' + unit:>18}{'min':>10}{'max':>10}{'  vs ' + reference:>30}")
+    print(f"{'variant':<40}{'median ' + unit:>18}{'min':>10}{'max':>10}{'  vs ' + reference:>30}")
     for n, v in rates.items():
-        print(f"{n:<28}{med[n]:>18.1f}{min(v):>10.1f}{max(v):>10.1f}{med[n] / med[reference]:>30.2f}")
+        print(f"{n:<40}{med[n]:>18.1f}{min(v):>10.1f}{max(v):>10.1f}{med[n] / med[reference]:>30.2f}")
     return med
 
 
@@ -404,11 +404,27 @@ def bench_eval(args, splits, eps: float, reps: int, ratios: dict[str, float]) ->
     ref_name = "reference (torchattacks)"
     atk = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=True)
     gen = torch.Generator().manual_seed(1)
+    cores = os.cpu_count() or 1
+
+    def on(threads: int, fn: Callable[[torch.nn.Module], torch.Tensor], shards: int = 1):
+        """Run fn with ``threads`` torch threads and raydefense's attacks in ``shards`` batch shards."""
+        def run(m: torch.nn.Module) -> torch.Tensor:
+            torch.set_num_threads(threads)
+            with cpu_attack_shards(shards):
+                return fn(m)
+        return run
+
+    until_fooled = lambda m: pgd_ce_until_fooled(m, tx, ty, eps, 20, eps / 4, generator=gen)  # noqa: E731
     attacks: dict[str, Callable[[torch.nn.Module], torch.Tensor]] = {
-        ref_name: lambda m: atk(tx, ty),
-        "raydefense plain": lambda m: pgd_ce(m, tx, ty, eps, 20, eps / 4, generator=gen),
-        "raydefense until_fooled": lambda m: pgd_ce_until_fooled(m, tx, ty, eps, 20, eps / 4, generator=gen),
+        ref_name: on(1, lambda m: atk(tx, ty)),
+        "raydefense plain": on(1, lambda m: pgd_ce(m, tx, ty, eps, 20, eps / 4, generator=gen)),
+        "raydefense until_fooled": on(1, until_fooled),
     }
+    machine_ref = f"reference ({cores} threads)"
+    machine_ours = f"raydefense until_fooled ({cores} shards)"
+    if cores > 1:  # both given the whole machine: torch's default threads vs raydefense's shards
+        attacks[machine_ref] = on(cores, lambda m: atk(tx, ty))
+        attacks[machine_ours] = on(cores, until_fooled, shards=cores)
     models = {name: model for name in attacks}
     if args.compile:
         cmodel = copy.deepcopy(model)
@@ -429,15 +445,20 @@ def bench_eval(args, splits, eps: float, reps: int, ratios: dict[str, float]) ->
     for fn in eval_fns.values():  # warm-up (compilation for the compile variant)
         fn()
     rates = interleaved(eval_fns, reps)
-    med = report(f"PGD-20 evaluation, test n={len(ty)}, images/s ({reps} interleaved reps)", rates, "img/s", ref_name)
+    torch.set_num_threads(1)
+    med = report(f"PGD-20 evaluation, test n={len(ty)}, images/s ({reps} interleaved reps; "
+                 f"the last two rows use all {cores} cores)", rates, "img/s", ref_name)
     for name, accs in eval_acc.items():
         print(f"  PGD-20 robust accuracy, {name}: median {100 * statistics.median(accs):.1f} % "
               f"(min {100 * min(accs):.1f}, max {100 * max(accs):.1f}, {len(accs)} random starts)")
     print("  (until_fooled is what `raydefense evaluate` runs: a sample leaves the batch at the first iterate "
           "that fools the model, so it can only be stronger)")
-    for name in eval_fns:
-        if name.startswith("raydefense"):
+    for name in ("raydefense plain", "raydefense until_fooled", "raydefense compile"):
+        if name in med:
             ratios["eval_pgd20_" + name.split()[1]] = med[name] / med[ref_name]
+    if cores > 1:
+        ratios[f"eval_pgd20_{cores}cores_until_fooled"] = med[machine_ours] / med[machine_ref]
+        print(f"  all {cores} cores: {machine_ours} / {machine_ref} = {med[machine_ours] / med[machine_ref]:.2f}")
 
 
 def sweep_section(args, splits, ratios) -> None:
