@@ -84,12 +84,13 @@ def sweep_afs(
                       "again to resume from their checkpoints[/]")
         sys.exit(130)
     table = mean_by_budget(outcome.rows)
-    console.print(rich_table(table, ["budget", "eps", "seeds", "clean_acc", "pgd10_acc", "pgd20_acc", "delta_z"],
-                             title=f"Table 1: AFS extractors on {splits.info.name} (validation split)"))
+    if table:  # else every trial failed: the errors above say why
+        console.print(rich_table(table, ["budget", "eps", "seeds", "clean_acc", "pgd10_acc", "pgd20_acc", "delta_z"],
+                                 title=f"Table 1: AFS extractors on {splits.info.name} (validation split)"))
     if len(table) >= 3:
         sel = select_concave([r["budget"] for r in table], [r["delta_z"] for r in table])
         console.print(f"selection rule (Delta_z concave in the budget) keeps: {', '.join(f'{b:g}' for b in sel.kept)}")
-    console.print(f"wrote {outcome.table} and {outcome.plot}")
+    console.print(f"wrote {outcome.table}" + (f" and {outcome.plot}" if outcome.plot else " (every trial failed: no plot)"))
     if outcome.errors:
         console.print("[red]not every trial finished[/]: run the same command again to retry the failed ones")
         sys.exit(1)
