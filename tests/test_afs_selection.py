@@ -20,14 +20,23 @@ def test_selection_on_a_concave_curve_keeps_everything_and_handles_uneven_grids(
     assert select_concave([1, 2], [3.0, 1.0]).kept == [1, 2]
 
 
-def test_selection_prefers_the_longest_then_the_larger_budgets():
+def test_selection_extends_down_from_the_largest_budget_until_a_convex_kink():
     # convex kinks at budgets 2 and 5 (second differences +1.5, +1.4) split 0..9 into the
     # candidate runs 0..2, 2..5 and 5..9; a run may end on a kink, since only interior points count.
     values = [5, 4, 3, 3.5, 3.2, 2.9, 4.0, 3.9, 3.6, 3.1]
     sel = select_concave(list(range(10)), values, rel_tol=0.0)
     assert sel.kept == [5, 6, 7, 8, 9]
-    # equal lengths: the run of larger budgets wins
     assert select_concave(list(range(5)), [1, 2, 1, 2, 1], rel_tol=0.0).kept == [2, 3, 4]
+
+
+def test_selection_keeps_the_robust_budgets_even_when_a_longer_concave_run_sits_below():
+    # digits' Delta_z of the sweep of 2026-12-01: concave (within tol) on 0..4 (5 budgets) and on
+    # 6..9 (4 budgets), with a convex kink at 6 just above the tolerance. The longest run would keep
+    # 0..4, the extractors with no robustness; the rule keeps the run at the top.
+    values = [27.93, 31.08, 25.12, 20.25, 15.32, 12.46, 9.31, 7.53, 5.79, 4.92]
+    sel = select_concave(list(range(10)), values)
+    assert sel.kept == [6, 7, 8, 9]
+    assert sel.reasons[6].startswith("kept") and sel.reasons[5].startswith("dropped")
 
 
 def test_delta_z_grows_with_eps_and_is_zero_at_zero(natural_model, digits):
