@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from raydefense.attacks import pgd_ce
-from raydefense.attacks.shards import cpu_attack_shards
+from raydefense.attacks.shards import cpu_attack_shards, cpu_threads_as_shards
 from raydefense.config import TrainConfig
 from raydefense.data import load_splits
 from raydefense.fast import autocast, prepare_modules, to_memory_format
@@ -111,7 +111,7 @@ def raydefense_step(cfg: TrainConfig, splits, init_state: dict, batches: list) -
     def run(n_batches: int) -> int:
         images = 0
         torch.set_num_threads(cfg.threads)
-        with cpu_attack_shards(cfg.threads):
+        with cpu_threads_as_shards(cfg.threads):  # as fit runs on a CPU
             for _ in range(n_batches):
                 xb, yb = batches[next(it) % len(batches)]
                 with autocast(cfg, CPU):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from raydefense.attacks import pgd_ce_until_fooled
-from raydefense.attacks.shards import cpu_attack_shards
+from raydefense.attacks.shards import cpu_threads_as_shards
 from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
                                    load_module_states, module_states, read_config, safe_torch_load,
                                    save_checkpoint)
@@ -181,7 +181,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
         progress.start((cfg.epochs - start_epoch) * n_batches, f"{cfg.method} eps={ctx.eps:.4g}")
     stale = _epochs_since_best(history, select) if history else 0
     stopped_early = False
-    with cpu_attack_shards(threads if device.type == "cpu" else 1):  # raydefense.attacks.shards
+    with cpu_threads_as_shards(threads if device.type == "cpu" else 1):  # raydefense.attacks.shards
         for epoch in range(start_epoch, cfg.epochs):
             method.epoch = epoch
             tic = time.perf_counter()
