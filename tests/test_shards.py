@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raydefense.attacks import pgd_ce, pgd_ce_until_fooled
-from raydefense.attacks.shards import attack_shards, cpu_attack_shards, sharded
+from raydefense.attacks.shards import attack_shards, cpu_attack_shards, cpu_threads_as_shards, sharded
 from raydefense.config import TrainConfig
 from raydefense.methods.baselines import trades_adversary
 from raydefense.train import fit
@@ -108,3 +108,12 @@ def test_fit_with_two_threads_trains_the_same_model_as_one_thread(tmp_path, digi
     assert [h["train_loss"] for h in one.history] == pytest.approx([h["train_loss"] for h in two.history], rel=1e-4)
     assert two.history[-1]["train_loss"] < two.history[0]["train_loss"]
     assert two.best["val_robust_acc"] == pytest.approx(one.best["val_robust_acc"], abs=0.02)
+
+
+def test_threads_as_shards_runs_other_ops_single_threaded_and_restores():
+    torch.set_num_threads(2)
+    with cpu_threads_as_shards(2):
+        assert torch.get_num_threads() == 1 and attack_shards() == 2
+    assert torch.get_num_threads() == 2 and attack_shards() == 1
+    with cpu_threads_as_shards(1):  # one thread: nothing changes
+        assert torch.get_num_threads() == 2 and attack_shards() == 1
