@@ -13,7 +13,9 @@ thread), with torch's intra-op threads set to 1 for the duration and the caller'
 carried into the workers (autocast is thread-local). Sharding changes how an attack runs, not what
 it computes: callers draw random starts for the whole batch before sharding, so the shard count
 does not change which random numbers a sample gets (tests check the results match unsharded runs).
-CUDA tensors are never sharded (one GPU stream is better fed by one large batch).
+CUDA tensors are never sharded (one GPU stream is better fed by one large batch). The setting is
+process-wide (like torch's thread count): set it from the thread that runs the training or
+evaluation loop.
 """
 
 from __future__ import annotations
