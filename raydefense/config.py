@@ -38,7 +38,8 @@ class TrainConfig:
     val_attack_steps: int = 10  # PGD steps used for validation robust accuracy
     patience: int = 0  # stop after this many epochs without a better val robust accuracy (0: never)
     seed: int = 0
-    threads: int = 0  # CPU threads: torch's intra-op threads, and on CPU the attacks' batch shards (0: torch's default)
+    threads: int = 0  # CPU threads of this process (0: torch's default)
+    attack_shards: int = 0  # CPU: split attack batches over N single-threaded workers (0: auto, 1: off)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # fast paths (raydefense/fast.py; measured in docs/performance.md): off by default
     compile: bool = False  # torch.compile the modules (in place) for training
@@ -77,7 +78,9 @@ HELP: dict[str, str] = {
     "val_attack_steps": "PGD steps for validation robust accuracy",
     "patience": "early stop after this many epochs without improvement (0: never; best epoch kept anyway)",
     "seed": "random seed",
-    "threads": "CPU threads (0: torch default); on CPU each attack's batch is split over this many single-threaded workers",
+    "threads": "CPU threads of this process (0: torch default)",
+    "attack_shards": "on CPU, split each attack's batch over N single-threaded workers (0: auto = threads for "
+                     "models under 1M parameters, 1: off; docs/performance.md)",
     "device": "auto, cpu, cuda or cuda:N",
     "compile": "torch.compile the model for training (compilation is paid once per trial; docs/performance.md)",
     "amp": "mixed precision of the training step: off, bf16 (CPU with AMX/AVX512-BF16, recent GPUs; 8x slower on "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from raydefense.attacks import pgd_ce_until_fooled
-from raydefense.attacks.shards import cpu_threads_as_shards
+from raydefense.attacks.shards import auto_shards, cpu_threads_as_shards
 from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
                                    load_module_states, module_states, read_config, safe_torch_load,
                                    save_checkpoint)
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], Path], None]
 METRICS_FILE = "metrics.jsonl"
 # Fields that may differ between a run and its resumption without changing what is trained.
-_RESUME_IGNORES = ("threads", "device", "data_dir", "download", "compile", "channels_last")
+_RESUME_IGNORES = ("threads", "attack_shards", "device", "data_dir", "download", "compile", "channels_last")
 
 
 class ProgressSink(Protocol):
@@ -85,6 +85,9 @@ def validate_config(cfg: TrainConfig) -> None:
             raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise UserError(f"lr must be > 0, got {cfg.lr}")
+    for name in ("threads", "attack_shards"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0 (0: automatic), got {getattr(cfg, name)}")
 
 
 @torch.no_grad()
@@ -134,7 +137,6 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     validate_fast_paths(cfg, device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    threads = torch.get_num_threads()  # on CPU, attacks run as this many single-threaded shards
     seed_everything(cfg.seed)
     splits = splits or load_splits(cfg.dataset, cfg.data_dir, cfg.download)
     train_x, train_y = (t.to(device) for t in splits.train.tensors())
@@ -181,7 +183,9 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
         progress.start((cfg.epochs - start_epoch) * n_batches, f"{cfg.method} eps={ctx.eps:.4g}")
     stale = _epochs_since_best(history, select) if history else 0
     stopped_early = False
-    with cpu_threads_as_shards(threads if device.type == "cpu" else 1):  # raydefense.attacks.shards
+    n_params = sum(p.numel() for m in method.modules().values() for p in m.parameters())
+    shards = auto_shards(cfg.attack_shards, torch.get_num_threads(), device, n_params)
+    with cpu_threads_as_shards(shards):  # raydefense.attacks.shards
         for epoch in range(start_epoch, cfg.epochs):
             method.epoch = epoch
             tic = time.perf_counter()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raydefense.attacks import pgd_ce, pgd_ce_until_fooled
-from raydefense.attacks.shards import attack_shards, cpu_attack_shards, cpu_threads_as_shards, sharded
+from raydefense.attacks.shards import attack_shards, auto_shards, cpu_attack_shards, cpu_threads_as_shards, sharded
 from raydefense.config import TrainConfig
 from raydefense.methods.baselines import trades_adversary
 from raydefense.train import fit
@@ -117,3 +117,25 @@ def test_threads_as_shards_runs_other_ops_single_threaded_and_restores():
     assert torch.get_num_threads() == 2 and attack_shards() == 1
     with cpu_threads_as_shards(1):  # one thread: nothing changes
         assert torch.get_num_threads() == 2 and attack_shards() == 1
+
+
+def test_automatic_shards_only_for_small_models_on_a_cpu(digits):
+    from raydefense.models import build_classifier
+
+    small = sum(p.numel() for p in build_classifier("small-cnn", digits.info).parameters())
+    large = sum(p.numel() for p in build_classifier("preact-resnet18", digits.info).parameters())
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert auto_shards(0, 4, cpu, small) == 4  # the measured regime: tiny convolutions on a CPU
+    assert auto_shards(0, 4, cpu, large) == 1  # a large model keeps torch's intra-op threads
+    assert auto_shards(3, 4, cpu, large) == 3  # an explicit request wins
+    assert auto_shards(1, 4, cpu, small) == 1  # 1 turns it off
+    assert auto_shards(4, 4, gpu, small) == 1  # never on a GPU
+
+
+def test_negative_thread_or_shard_counts_are_refused(tmp_path, digits):
+    from raydefense.errors import UserError
+
+    for name in ("threads", "attack_shards"):
+        with pytest.raises(UserError, match=name):
+            fit(TrainConfig(method="pgd-at", epochs=1, **{name: -1}), tmp_path / name, splits=digits)
+        assert not (tmp_path / name).exists()  # refused before anything is written

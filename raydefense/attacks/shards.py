@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 MIN_SHARD = 8  # below this many samples per shard the threads' overhead outweighs the parallelism
+SMALL_MODEL_PARAMS = 1_000_000  # auto shards only models below this size: the regime measured to gain
 
 _local = threading.local()  # .inside: this thread is running a shard (nested attacks run inline)
 _config = {"shards": 1}
@@ -66,6 +67,22 @@ def cpu_threads_as_shards(n: int) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(previous)
+
+
+def auto_shards(requested: int, threads: int, device: torch.device, n_params: int) -> int:
+    """How many attack shards a training loop should use: ``requested`` if set (> 0), else automatic.
+
+    Automatic: on a CPU, one shard per thread for small models (under ``SMALL_MODEL_PARAMS``), whose
+    tiny convolutions intra-op threading cannot split usefully; otherwise no sharding. With shards
+    every non-attack op runs single-threaded (``cpu_threads_as_shards``), which for a large model
+    would leave the weight update on one core: that regime is not measured, so it keeps torch's
+    intra-op threads.
+    """
+    if device.type != "cpu":
+        return 1
+    if requested > 0:
+        return requested
+    return threads if n_params < SMALL_MODEL_PARAMS else 1
 
 
 def attack_shards() -> int:

@@ -19,7 +19,7 @@ app.add_typer(sweep_app, name="sweep")
 
 
 @sweep_app.command("afs")
-@dataclass_options(TrainConfig, exclude=("method", "eps", "seed", "threads", "device"))
+@dataclass_options(TrainConfig, exclude=("method", "eps", "seed", "threads", "attack_shards", "device"))
 def sweep_afs(
     budgets: str = typer.Option("0..9", help="training budgets k (eps = k x eps_unit): 0..9, 3..8, 0,2,4, 0..9:2"),
     seeds: str = typer.Option("0", help="repeat every budget for these seeds: 0,1,2"),

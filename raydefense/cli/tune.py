@@ -19,7 +19,7 @@ NOT_TRAINABLE = {"afs": "the AFS merger is trained by `raydefense stack afs`; sw
 
 
 @app.command()
-@dataclass_options(TrainConfig, exclude=("method", "seed", "threads", "device"))
+@dataclass_options(TrainConfig, exclude=("method", "seed", "threads", "attack_shards", "device"))
 def tune(
     method: str = typer.Argument(..., help="a trainable method: pgd-at, trades, mart, ... (see METHODS.md)"),
     space: Optional[Path] = typer.Option(None, help="search space YAML [default: search_spaces/<method>.yaml]"),

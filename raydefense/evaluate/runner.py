@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydefense.attacks import eval_mode
-from raydefense.attacks.shards import cpu_attack_shards
+from raydefense.attacks.shards import auto_shards, cpu_attack_shards
 from raydefense.evaluate.attacks import GRADIENT_FREE, LARGE_EPS_LINF, MIN_NORM, NONE, REFERENCE, TRANSFER, \
     WHITE_BOX, EvalAttack
 
@@ -216,8 +216,10 @@ def run_attacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: lis
     if len(bounds) > 1 and todo:
         _run_on_ray(model, x, y, todo, budgets, batch_size, seed, record)
     else:
-        # raydefense's own PGD attacks use every thread of this process as batch shards (same results)
-        with cpu_attack_shards(torch.get_num_threads()):
+        # raydefense's own PGD attacks use this process's threads as batch shards for small models
+        # (same results; raydefense.attacks.shards.auto_shards says when)
+        n_params = sum(p.numel() for p in model.parameters())
+        with cpu_attack_shards(auto_shards(0, torch.get_num_threads(), x.device, n_params)):
             for a, start, stop in todo:
                 correct, seconds = run_span(model, x[start:stop], y[start:stop], a, budgets[a.name], start, batch_size, seed)
                 log.info("%s [%d, %d): %.4f (%.1fs)", a.name, start, stop, float(correct.float().mean()), seconds)
