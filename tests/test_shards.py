@@ -103,8 +103,14 @@ def test_small_batches_and_nested_attacks_run_inline(batch):
 
 def test_fit_with_two_threads_trains_the_same_model_as_one_thread(tmp_path, digits):
     cfg = TrainConfig(method="pgd-at", epochs=2, eps_warmup_epochs=0, attack_steps=3, val_attack_steps=3, device="cpu")
+    seen: list[tuple[int, int]] = []
+
+    def during_training(_metrics, _out):  # called by fit at each epoch's end, inside its loop
+        seen.append((attack_shards(), torch.get_num_threads()))
+
     one = fit(cfg, tmp_path / "one", splits=digits)
-    two = fit(dataclasses.replace(cfg, threads=2), tmp_path / "two", splits=digits)
+    two = fit(dataclasses.replace(cfg, threads=2), tmp_path / "two", splits=digits, reporter=during_training)
+    assert seen == [(2, 1), (2, 1)]  # the small CNN is sharded automatically, other ops single-threaded
     assert [h["train_loss"] for h in one.history] == pytest.approx([h["train_loss"] for h in two.history], rel=1e-4)
     assert two.history[-1]["train_loss"] < two.history[0]["train_loss"]
     assert two.best["val_robust_acc"] == pytest.approx(one.best["val_robust_acc"], abs=0.02)
