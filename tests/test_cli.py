@@ -74,3 +74,19 @@ def test_corrupt_config_json_via_the_real_entry_point(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # exactly one line
     assert "corrupt" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "eval.parquet").exists()
+
+
+def test_help_and_usage_errors_load_neither_torch_nor_ray_tune():
+    # Registering every command (what --help and a usage error need) stays light: torch and Ray
+    # Tune load only inside the commands that run something (about 5 s saved per --help).
+    code = ("import sys\n"
+            "from raydefense.cli import main\n"
+            "for argv in (['--help'], ['evaluate', '--help'], ['sweep', 'afs', '--budgets', 'x']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "heavy = sorted(m for m in ('torch', 'ray.tune', 'sklearn') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:] + proc.stderr[-2000:]

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from raydefense.cli import app
-from raydefense.evaluate.curves import DEFAULT_CURVE_ATTACKS
+from raydefense.names import DEFAULT_CURVE_ATTACKS
 
 
 def _eps_list(text: Optional[str]) -> Optional[list[float]]:

@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from raydefense.cli import app
-from raydefense.data import parse_eps
 
 
 def _names(text: str) -> list[str]:
@@ -31,6 +30,7 @@ def detect(
     """ER-Detector (Li et al.): class-wise KDE of codes + logistic regression; 20 % / 80 % test split."""
     from raydefense.checkpoint import read_config
     from raydefense.cli.ui import console
+    from raydefense.data import parse_eps
     from raydefense.detect.er_detector import TABLE_COLUMNS, detect_checkpoint
     from raydefense.errors import UserError
     from raydefense.report import rich_table

@@ -8,13 +8,14 @@ from typing import Optional
 import typer
 
 from raydefense.cli import app
-from raydefense.data import parse_eps
 from raydefense.errors import UserError
-from raydefense.evaluate import DEFAULT_ATTACKS, EVAL_COLUMNS
+from raydefense.names import DEFAULT_ATTACKS, EVAL_COLUMNS
 
 
 def _parse_list(text: str | None, kind: str) -> list[float] | bool | None:
     """'' / None -> off, 'default' -> the default grid, else a comma list of eps values or steps."""
+    from raydefense.data import parse_eps
+
     if text is None:
         return None
     if text.strip().lower() in ("default", "yes", "true"):
@@ -58,6 +59,7 @@ def evaluate(
     """Attack the checkpoint's full inference path; per-sample worst case over all attacks; sanity flags."""
     from raydefense.checkpoint import read_config
     from raydefense.cli.ui import console, make_progress
+    from raydefense.data import parse_eps
     from raydefense.evaluate import evaluate_checkpoint, resolve_attacks
     from raydefense.report import rich_table
 

@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 from raydefense.cli import app
-from raydefense.data import parse_eps
-from raydefense.evaluate.rejection import DEFAULT_REJECT_ATTACKS
+from raydefense.names import DEFAULT_REJECT_ATTACKS
 
 SHOWN = ("attack", "family", "eps", "accuracy", "rejected", "defense_success", "n")  # all columns: reject.parquet
 
@@ -31,6 +30,7 @@ def reject(
     """Defense success rate (rejected or correct) under oblivious and adaptive attacks (LDAT)."""
     from raydefense.checkpoint import read_config
     from raydefense.cli.ui import console, make_progress
+    from raydefense.data import parse_eps
     from raydefense.evaluate.rejection import reject_checkpoint, resolve_reject_attacks
     from raydefense.report import rich_table
 

@@ -38,20 +38,23 @@ def sweep_afs(
     overrides: dict = None,
 ) -> None:
     """Train one PGD-AT extractor per budget (x seed) in parallel; writes OUT/sweep.parquet."""
-    from raydefense.afs import select_concave
     from raydefense.budgets import parse_budgets, parse_seeds
-    from raydefense.cli.ui import TrialsDisplay, TuneProgressCallback, console, print_ray_info
+
+    budget_list, seed_list = parse_budgets(budgets), parse_seeds(seeds)  # bad input fails before torch loads
+    if max_failures < -1:
+        raise UserError(f"--max-failures must be -1 (no limit) or >= 0, got {max_failures}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+
+    from raydefense.afs import select_concave
+    from raydefense.cli.tune_progress import TuneProgressCallback
+    from raydefense.cli.ui import TrialsDisplay, console, print_ray_info
     from raydefense.data import format_eps, load_splits, parse_eps
     from raydefense.distributed.cluster import check_dashboard_host, ray_cluster
     from raydefense.distributed.experiment import Resources, check_storage, delete_storage, storage_uri
     from raydefense.report import rich_table
     from raydefense.sweep import SweepRequest, mean_by_budget, run_afs_sweep
 
-    budget_list, seed_list = parse_budgets(budgets), parse_seeds(seeds)
-    if max_failures < -1:
-        raise UserError(f"--max-failures must be -1 (no limit) or >= 0, got {max_failures}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
     check_storage(storage)
     dashboard_host = check_dashboard_host(dashboard_host)
     cfg = build_dataclass(TrainConfig, {**(overrides or {}), "method": "pgd-at"}, where="sweep afs")

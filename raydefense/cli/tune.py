@@ -48,7 +48,8 @@ def tune(
     overrides: dict = None,
 ) -> None:
     """Search a method's hyperparameters; re-running the same command resumes an interrupted search."""
-    from raydefense.cli.ui import TrialsDisplay, TuneProgressCallback, console
+    from raydefense.cli.tune_progress import TuneProgressCallback
+    from raydefense.cli.ui import TrialsDisplay, console
     from raydefense.data import load_splits
     from raydefense.distributed.cluster import ray_cluster
     from raydefense.distributed.experiment import Resources

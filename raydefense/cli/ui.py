@@ -45,24 +45,20 @@ class RichFitProgress:
 
 _ACTIVE_DISPLAY: "TrialsDisplay | None" = None
 
-try:
-    from ray.tune import Callback as _TuneCallback
-except ImportError:  # pragma: no cover - ray is a dependency
-    _TuneCallback = object
+
+def __getattr__(name: str):
+    """``TuneProgressCallback`` lives in cli/tune_progress.py (it imports Ray Tune, which every command
+    would otherwise load at start-up); experiments pickled under this module's name still resolve."""
+    if name == "TuneProgressCallback":
+        from raydefense.cli.tune_progress import TuneProgressCallback
+
+        return TuneProgressCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class TuneProgressCallback(_TuneCallback):
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if _ACTIVE_DISPLAY is not None:
-            _ACTIVE_DISPLAY.result(trial.trial_id, trial.config, result)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if _ACTIVE_DISPLAY is not None:
-            _ACTIVE_DISPLAY.finish(trial.trial_id, trial.config, "done")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        if _ACTIVE_DISPLAY is not None:
-            _ACTIVE_DISPLAY.finish(trial.trial_id, trial.config, "[red]error")
+def active_display() -> "TrialsDisplay | None":
+    """The display of this process's running experiment, if any (TuneProgressCallback's target)."""
+    return _ACTIVE_DISPLAY
 
 
 class TrialsDisplay:

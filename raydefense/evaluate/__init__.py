@@ -16,7 +16,8 @@ from raydefense.checkpoint import load_model, read_config
 from raydefense.data import format_eps, load_splits
 from raydefense.device import resolve_device
 from raydefense.errors import UserError
-from raydefense.evaluate.attacks import ATTACKS, DEFAULT_ATTACKS, EvalAttack, default_eps_l2, resolve_attacks, \
+from raydefense.names import DEFAULT_ATTACKS, EVAL_COLUMNS
+from raydefense.evaluate.attacks import ATTACKS, EvalAttack, default_eps_l2, resolve_attacks, \
     sanity_probes
 from raydefense.evaluate.runner import WORST, EvalResult, run_attacks
 from raydefense.provenance import provenance
@@ -24,7 +25,6 @@ from raydefense.report import markdown_table, write_parquet
 
 log = logging.getLogger(__name__)
 
-EVAL_COLUMNS = ("attack", "norm", "eps", "eps_label", "accuracy", "n", "seconds")
 CACHE_DIR = "eval_cache"
 
 

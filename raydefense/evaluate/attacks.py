@@ -283,7 +283,6 @@ ATTACKS: dict[str, EvalAttack] = {
                        {"nb_iter": 20, "nb_sample": 128, "delta": 0.01, "lr": "eps/8", "lib": "torchattacks.SPSA"},
                        description="SPSA (gradient-free gradient estimate)", kind=GRADIENT_FREE),
 }
-DEFAULT_ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "aa")
 
 
 def sanity_probes() -> list[EvalAttack]:

@@ -27,6 +27,7 @@ from torch import nn
 from raydefense.attacks import eval_mode, pgd_ce, pgd_ce_until_fooled
 from raydefense.evaluate.sweeps import normalized_auc  # one definition, shared with `evaluate --eps-sweep`
 from raydefense.errors import UserError
+from raydefense.names import DEFAULT_CURVE_ATTACKS
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ CURVE_ATTACKS: dict[str, CurveAttack] = {
     "mim": CurveAttack("mim", _mim, "linf", {"steps": 10, "step": "eps/10", "decay": 1.0},
                        "momentum iterative FGSM (torchattacks.MIFGSM) L-inf"),
 }
-DEFAULT_CURVE_ATTACKS = ("pgd", "pgd-l2", "fgsm", "mim")
 
 
 def resolve_curve_attacks(spec: str | Sequence[str]) -> list[CurveAttack]:

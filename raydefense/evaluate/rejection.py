@@ -36,6 +36,7 @@ from torch import nn
 
 from raydefense.attacks import eval_mode, pgd, pgd_ce, project
 from raydefense.errors import UserError
+from raydefense.names import DEFAULT_REJECT_ATTACKS
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,6 @@ REJECT_ATTACKS: dict[str, RejectAttack] = {
     "adaptive-l2": RejectAttack("adaptive-l2", "adaptive", "l2", adaptive_attack("l2"),
                                 {"steps": 20, "objectives": "max-wrong, penalty, top-3 targeted"}),
 }
-DEFAULT_REJECT_ATTACKS = ("clean", "pgd20", "pgd20-l2", "deepfool", "adaptive-linf", "adaptive-l2")
 
 
 def resolve_reject_attacks(spec: str | list[str]) -> list[RejectAttack]:
