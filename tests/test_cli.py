@@ -90,3 +90,13 @@ def test_help_and_usage_errors_load_neither_torch_nor_ray_tune():
             "print('HEAVY', heavy)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in proc.stdout, proc.stdout[-500:] + proc.stderr[-2000:]
+
+
+def test_messages_with_brackets_print_literally(capsys):
+    # rich reads "[default]" as markup: the dashboard hint "pip install 'ray[default]...'" lost it
+    from raydefense.cli.ui import print_ray_info
+
+    print_ray_info({"dashboard_note": "the Ray dashboard needs ray[default] (x); pip install 'ray[default]==2.60.*'"},
+                   "/tmp/runs[1]")
+    out = " ".join(capsys.readouterr().out.split())  # undo the console's line wrapping
+    assert "pip install 'ray[default]==2.60.*'" in out and "/tmp/runs[1]" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from raydefense.cli import app
 
@@ -29,6 +30,6 @@ def cluster_check(
                              title=f"{check.name}: {check.provider} {check.region}, max {check.max_workers} workers, "
                                    f"idle timeout {check.idle_timeout_minutes:g} min"))
     for w in check.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     console.print(f"[green]{config} is a valid Ray {check.provider} cluster config[/] (checked offline with "
                   "Ray's defaults and schema; `ray up` still needs cloud credentials)")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from raydefense.cli import app
 from raydefense.names import DEFAULT_CURVE_ATTACKS
@@ -51,5 +52,5 @@ def curves(
     columns = ["model"] + [a.name for a in chosen] + ["mean"]
     console.print(rich_table(result.auc, columns, title=f"normalized AUC ({split}, n={result.n})"))
     for flag in result.flags:
-        console.print(f"[bold yellow]check:[/] {flag}")
+        console.print(f"[bold yellow]check:[/] {escape(flag)}")
     console.print(f"wrote {out / 'curves.parquet'}, {out / 'auc.parquet'} and {out / 'curves.png'}")

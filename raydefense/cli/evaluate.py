@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from raydefense.cli import app
 from raydefense.errors import UserError
@@ -84,7 +85,7 @@ def evaluate(
             sweep_attacks=sweep_attacks, steps_sweep=steps, cache=cache)
     console.print(rich_table(rows, EVAL_COLUMNS + ("flags",), title=f"{checkpoint} ({split}, n={result.n})"))
     for flag in result.flags:
-        console.print(f"[bold red]unreliable:[/] {flag}")
+        console.print(f"[bold red]unreliable:[/] {escape(flag)}")
     if not result.flags:
         console.print("sanity flags: none raised")
     console.print(f"wrote {out_dir / 'eval.parquet'} and {out_dir / 'report.md'}")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from raydefense.cli import app
 
@@ -46,5 +47,5 @@ def route(
     console.print(rich_table(res["detection"], DETECTION_COLUMNS, title="detection (adversarial = positive)"))
     console.print(rich_table(res["route"], ROUTE_COLUMNS, title="routed accuracy"))
     for flag in res["flags"]:
-        console.print(f"[bold red]unreliable:[/] {flag}")
+        console.print(f"[bold red]unreliable:[/] {escape(flag)}")
     console.print(f"wrote {res['out'] / 'route_report.md'}")

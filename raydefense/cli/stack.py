@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from raydefense.cli import app
 
@@ -66,5 +67,5 @@ def stack_afs(
     console.print(f"stack trade-off {chosen['tradeoff']:.4f} {verdict} the best single extractor "
                   f"(budget {best_single['budget']:g}: {best_single['tradeoff']:.4f})")
     for flag in outcome.flags:
-        console.print(f"[bold red]unreliable:[/] {flag}")
+        console.print(f"[bold red]unreliable:[/] {escape(flag)}")
     console.print(f"wrote {outcome.checkpoint} and {outcome.table}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from raydefense.cli import app
 from raydefense.cli.options import dataclass_options
@@ -81,7 +82,7 @@ def sweep_afs(
 
     if outcome.errors:
         console.print(f"[red]{len(outcome.errors)} trial(s) failed after {max_failures} retries:[/]\n  "
-                      + "\n  ".join(outcome.errors))
+                      + "\n  ".join(escape(e) for e in outcome.errors))
     if outcome.unfinished:
         console.print(f"[yellow]interrupted: {outcome.unfinished} trial(s) unfinished; run the same command "
                       "again to resume from their checkpoints[/]")

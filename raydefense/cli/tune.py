@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from raydefense.cli import app
 from raydefense.cli.options import dataclass_options
@@ -126,7 +127,7 @@ def tune(
         console.print(rich_table(rows, ["attack", "eps_label", "accuracy", "n"],
                                  title=f"best configuration re-trained: test split ({out / 'best_model'})"))
         if result.flags:
-            console.print("[red]sanity flags: " + "; ".join(result.flags) + "[/]")
+            console.print("[red]sanity flags: " + "; ".join(escape(f) for f in result.flags) + "[/]")
     if outcome.errors:
-        console.print("[red]failed trials:[/]\n  " + "\n  ".join(outcome.errors))
+        console.print("[red]failed trials:[/]\n  " + "\n  ".join(escape(e) for e in outcome.errors))
         sys.exit(1)

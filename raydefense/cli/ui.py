@@ -6,6 +6,7 @@ import logging
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console()
@@ -102,5 +103,5 @@ def print_ray_info(ray_info: dict, storage: str) -> None:
     if ray_info.get("dashboard_url"):
         console.print(f"Ray dashboard: {ray_info['dashboard_url']}")
     elif ray_info.get("dashboard_note"):
-        console.print(f"[dim]no Ray dashboard: {ray_info['dashboard_note']}[/]")
-    console.print(f"[dim]results and checkpoints: {storage}; TensorBoard: tensorboard --logdir {storage}[/]")
+        console.print(f"[dim]no Ray dashboard: {escape(ray_info['dashboard_note'])}[/]")
+    console.print(f"[dim]results and checkpoints: {escape(storage)}; TensorBoard: tensorboard --logdir {escape(storage)}[/]")
