@@ -101,8 +101,11 @@ def select_concave(budgets: list[float], values: list[float], rel_tol: float = 0
     reasons = {}
     for i in range(n):
         curvature = f"second difference {d2[i]:+.3g} (tol {tol:.3g})" if i in d2 else "end point"
-        if lo <= i <= hi:
+        if i == lo and i in d2:
+            reasons[b[i]] = (f"kept: lower end of the concave run {b[lo]:g}..{b[hi]:g} (a run's ends are not judged); "
+                             f"{curvature}: the convex kink that ends the run")
+        elif lo <= i <= hi:
             reasons[b[i]] = f"kept: inside the concave run down from the largest budget, {b[lo]:g}..{b[hi]:g}; {curvature}"
         else:
-            reasons[b[i]] = f"dropped: outside the concave run; {curvature}"
+            reasons[b[i]] = f"dropped: below the convex kink at budget {b[lo]:g} that ends the concave run; {curvature}"
     return Selection(b[lo:hi + 1], reasons)

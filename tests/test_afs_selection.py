@@ -36,7 +36,8 @@ def test_selection_keeps_the_robust_budgets_even_when_a_longer_concave_run_sits_
     values = [27.93, 31.08, 25.12, 20.25, 15.32, 12.46, 9.31, 7.53, 5.79, 4.92]
     sel = select_concave(list(range(10)), values)
     assert sel.kept == [6, 7, 8, 9]
-    assert sel.reasons[6].startswith("kept") and sel.reasons[5].startswith("dropped")
+    assert sel.reasons[6].startswith("kept: lower end") and "convex kink" in sel.reasons[6]
+    assert sel.reasons[5].startswith("dropped: below the convex kink at budget 6")
 
 
 def test_delta_z_grows_with_eps_and_is_zero_at_zero(natural_model, digits):

@@ -77,8 +77,8 @@ def test_auto_selection_and_bad_requests(sweep_dir, tmp_path):
     from raydefense.stack_afs import choose, read_sweep
 
     sel = choose(read_sweep(sweep_dir), "auto", 0.05)
-    # Delta_z 9, 5, 3 bends convexly at budget 4 (second difference +2 > tol 0.3): the two runs
-    # 0..4 and 4..8 tie, and the rule prefers the larger budgets.
+    # Delta_z 9, 5, 3 bends convexly at budget 4 (second difference +2 > tol 0.3): the concave run
+    # down from budget 8 ends there.
     assert sel.kept == [4, 8]
     assert sel.reasons[0].startswith("dropped") and "+2" in sel.reasons[4]
     with pytest.raises(UserError, match="does not have"):
