@@ -225,12 +225,27 @@ def trial_rows(grid, req: TuneRequest) -> tuple[list[dict], list]:
 
 
 def _statuses(grid) -> list[str]:
-    """Tune's state of each trial, in the ResultGrid's order (TERMINATED, ERROR, RUNNING, PENDING...):
-    a trial that ended without its closing report was stopped by the scheduler only if TERMINATED."""
+    """Tune's state of each trial (TERMINATED, ERROR, RUNNING, PENDING...) in the ResultGrid's order,
+    as the experiment's last saved state records it: a trial that ended without its closing report
+    was stopped by the scheduler only if TERMINATED there.
+
+    Not the in-memory state: on Ctrl-C, Tune saves the state it resumes from and then stops every
+    live trial, marking it TERMINATED in memory, so an interrupted trial would look like one ASHA
+    stopped (and a search whose every trial had started would look finished).
+    """
+    from ray.tune import ExperimentAnalysis
+
     try:
-        return [str(t.status) for t in grid._experiment_analysis.trials]
+        trials = grid._experiment_analysis.trials
     except AttributeError:  # pragma: no cover - a future ResultGrid without it: treat as ended
         return ["TERMINATED"] * len(grid)
+    try:
+        saved = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem).trials
+        status = {t.trial_id: str(t.status) for t in saved}
+    except Exception as exc:  # noqa: BLE001 - no saved state to read: fall back to memory
+        log.warning("cannot read the saved experiment state (%s); using Tune's in-memory trial states", exc)
+        status = {}
+    return [status.get(t.trial_id, str(t.status)) for t in trials]
 
 
 def _history(result) -> list[dict]:

@@ -207,3 +207,39 @@ def test_interrupted_search_resumes_and_study_stays_consistent(ray_session, tmp_
         assert epochs == sorted(epochs), (result_log.parent.name, epochs)  # a start-over would go backwards
         assert len(repeated) <= 1 and all(epochs.count(e) == 2 for e in repeated), (result_log.parent.name, epochs)
     assert (out / "best.json").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_trials_cut_short_by_ctrl_c_do_not_count_as_stopped_by_the_scheduler(ray_session, tmp_path):
+    # On Ctrl-C Tune saves the state it resumes from, then stops every live trial and marks it
+    # TERMINATED in memory, just like a trial ASHA stopped; the saved state tells them apart.
+    import os
+    import signal
+
+    from ray import tune
+
+    from raydefense.tune import _statuses
+
+    def slow_trainable(config):  # defined here: pickled by value, so Ray workers need not import the tests
+        import time
+
+        from ray import tune
+
+        for i in range(300):
+            tune.report({"i": i})
+            time.sleep(0.1)
+
+    class InterruptOnFirstResult(tune.Callback):
+        sent = False
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; Tune's handler catches it
+
+    grid = tune.Tuner(tune.with_resources(slow_trainable, {"cpu": 1}), tune_config=tune.TuneConfig(num_samples=2),
+                      run_config=tune.RunConfig(storage_path=str(tmp_path), name="cut", verbose=0,
+                                                callbacks=[InterruptOnFirstResult()])).fit()
+    statuses = _statuses(grid)
+    assert len(statuses) == 2 and not {"TERMINATED", "ERROR"} & set(statuses), statuses
