@@ -58,6 +58,10 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Fields that say where and how a run executes, never what it computes: resuming, sweep and search
+# fingerprints and exported best configurations ignore them, and they are not searchable.
+PLACEMENT_FIELDS = ("threads", "attack_shards", "device")
+
 HELP: dict[str, str] = {
     "method": "defense to train",
     "dataset": "named dataset (digits works offline)",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raydefense.config import TrainConfig, _coerce
+from raydefense.config import PLACEMENT_FIELDS, TrainConfig, _coerce
 from raydefense.errors import UserError
 from raydefense.yaml_file import read_yaml
 
@@ -36,7 +36,7 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 TYPES = ("float", "log-float", "int", "categorical")
 _DIM_KEYS = {"type", "low", "high", "step", "log", "choices", "when"}
 # TrainConfig fields a search must not touch: they say where/how a trial runs, not what it trains
-_NOT_SEARCHABLE = ("method", "dataset", "data_dir", "threads", "device", "options")
+_NOT_SEARCHABLE = ("method", "dataset", "data_dir", *PLACEMENT_FIELDS, "options")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raydefense.config import TrainConfig
+from raydefense.config import PLACEMENT_FIELDS, TrainConfig
 from raydefense.data import Splits, format_eps
 from raydefense.distributed.experiment import ExperimentSpec, Resources, run_experiment, storage_uri
 from raydefense.report import write_parquet
@@ -73,7 +73,7 @@ def afs_spec(req: SweepRequest, splits: Splits, callbacks: list | None = None) -
     }
     fingerprint = {"kind": "afs-sweep", "dataset": info.name, "budgets": list(req.budgets), "seeds": list(req.seeds),
                    "eps_unit": unit, "eval_eps": eval_eps,
-                   "train": {k: v for k, v in train.items() if k not in ("threads", "attack_shards", "device", "data_dir", "download")}}
+                   "train": {k: v for k, v in train.items() if k not in (*PLACEMENT_FIELDS, "data_dir", "download")}}
     return ExperimentSpec(EXPERIMENT, storage_uri(req.out, req.storage), param_space, req.resources,
                           req.max_failures, callbacks=callbacks or [], fingerprint=fingerprint)
 

@@ -27,7 +27,7 @@ from raydefense.attacks.shards import auto_shards, cpu_threads_as_shards
 from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
                                    load_module_states, module_states, read_config, safe_torch_load,
                                    save_checkpoint)
-from raydefense.config import TrainConfig
+from raydefense.config import PLACEMENT_FIELDS, TrainConfig
 from raydefense.data import Splits, load_splits
 from raydefense.device import resolve_device
 from raydefense.errors import UserError
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], Path], None]
 METRICS_FILE = "metrics.jsonl"
 # Fields that may differ between a run and its resumption without changing what is trained.
-_RESUME_IGNORES = ("threads", "attack_shards", "device", "data_dir", "download", "compile", "channels_last")
+_RESUME_IGNORES = (*PLACEMENT_FIELDS, "data_dir", "download", "compile", "channels_last")
 
 
 class ProgressSink(Protocol):

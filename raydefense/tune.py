@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from raydefense.config import TrainConfig
+from raydefense.config import PLACEMENT_FIELDS, TrainConfig
 from raydefense.data import Splits
 from raydefense.distributed.experiment import ExperimentSpec, Resources, run_experiment, storage_uri
 from raydefense.distributed.trial import merged_train_config
@@ -153,7 +153,7 @@ def tune_spec(req: TuneRequest, callbacks: list | None = None) -> ExperimentSpec
                    "objective": req.objective, "scheduler": req.scheduler_name, "grace_period": req.grace_period,
                    "reduction_factor": req.reduction_factor, "seed": req.seed, "include_default": req.include_default,
                    "space": {"dims": [dataclasses.asdict(d) for d in req.space.dims], "fixed": req.space.fixed},
-                   "train": {k: v for k, v in train.items() if k not in ("threads", "attack_shards", "device", "data_dir")}}
+                   "train": {k: v for k, v in train.items() if k not in (*PLACEMENT_FIELDS, "data_dir")}}
     return ExperimentSpec(EXPERIMENT, storage_uri(req.out, req.storage), param_space, req.resources,
                           req.max_failures, tune_config=tune_config, callbacks=callbacks or [],
                           fingerprint=json.loads(json.dumps(fingerprint, default=list)))
@@ -308,7 +308,7 @@ def collect(grid, req: TuneRequest, splits: Splits) -> TuneOutcome:
         best["best"] = True
         outcome.best = best
         cfg = merged_train_config({**by_id[best["trial_id"]].config})
-        cfg = {k: v for k, v in cfg.items() if k not in ("threads", "attack_shards", "device")}
+        cfg = {k: v for k, v in cfg.items() if k not in PLACEMENT_FIELDS}
         path = Path(req.out) / "best.json"
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         outcome.best_json = path

@@ -49,6 +49,7 @@ def test_every_shipped_space_parses_and_samples():
     ("dimensions: {train.lr_schedule: {type: categorical, choices: [cosine, linear]}}", "train.lr_schedule",
      "must be one of"),
     ("dimensions: {train.device: {type: categorical, choices: [cpu]}}", "train.device", "cannot be searched"),
+    ("dimensions: {train.attack_shards: {type: int, low: 1, high: 2}}", "train.attack_shards", "cannot be searched"),
     ("dimensions: {beta: {type: float, low: 0, high: 1}}", "beta", "train.<TrainConfig field>"),
     ("dimensions: {options.beta: {type: float, low: 0, hi: 1}}", "options.beta", "unknown field 'hi'"),
     ("dimensions: {options.beta: {type: categorical, choices: []}}", "options.beta", "non-empty list"),

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from raydefense.cli import app
 from raydefense.cli.options import dataclass_options
-from raydefense.config import TrainConfig, build_dataclass
+from raydefense.config import PLACEMENT_FIELDS, TrainConfig, build_dataclass
 from raydefense.errors import UserError
 
 sweep_app = typer.Typer(no_args_is_help=True, help="Train many models in parallel on Ray Tune.")
@@ -20,7 +20,7 @@ app.add_typer(sweep_app, name="sweep")
 
 
 @sweep_app.command("afs")
-@dataclass_options(TrainConfig, exclude=("method", "eps", "seed", "threads", "attack_shards", "device"))
+@dataclass_options(TrainConfig, exclude=("method", "eps", "seed", *PLACEMENT_FIELDS))
 def sweep_afs(
     budgets: str = typer.Option("0..9", help="training budgets k (eps = k x eps_unit): 0..9, 3..8, 0,2,4, 0..9:2"),
     seeds: str = typer.Option("0", help="repeat every budget for these seeds: 0,1,2"),

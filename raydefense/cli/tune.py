@@ -13,14 +13,14 @@ from rich.markup import escape
 
 from raydefense.cli import app
 from raydefense.cli.options import dataclass_options
-from raydefense.config import TrainConfig, build_dataclass
+from raydefense.config import PLACEMENT_FIELDS, TrainConfig, build_dataclass
 
 NOT_TRAINABLE = {"afs": "the AFS merger is trained by `raydefense stack afs`; sweep its alpha with "
                         "`stack afs --alpha` (search_spaces/afs.yaml gives the range)"}
 
 
 @app.command()
-@dataclass_options(TrainConfig, exclude=("method", "seed", "threads", "attack_shards", "device"))
+@dataclass_options(TrainConfig, exclude=("method", "seed", *PLACEMENT_FIELDS))
 def tune(
     method: str = typer.Argument(..., help="a trainable method: pgd-at, trades, mart, ... (see METHODS.md)"),
     space: Optional[Path] = typer.Option(None, help="search space YAML [default: search_spaces/<method>.yaml]"),
