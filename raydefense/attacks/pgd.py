@@ -122,14 +122,10 @@ def pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps
 
     Sharded over CPU threads inside ``cpu_attack_shards`` (raydefense.attacks.shards).
     """
-    x = x.detach()
-    if eps <= 0 or steps <= 0:
-        return x.clone()
-    step_size = _default_step(eps, steps, norm) if step_size is None else step_size
-    with eval_mode(model):
-        start = _start(x, eps, norm, rand_init, generator)  # drawn for the whole batch, shards or not
-        return sharded(lambda xs, ys, ds: _ascent(ce_objective(model, ys), xs, ds, eps, steps, step_size, norm),
-                       [x, y, start])
+    def run(xs: torch.Tensor, ys: torch.Tensor, ds: torch.Tensor, step: float) -> torch.Tensor:
+        return _ascent(ce_objective(model, ys), xs, ds, eps, steps, step, norm)
+
+    return _sharded_ce_attack(run, model, x, y, eps, steps, step_size, norm, rand_init, generator)
 
 
 def pgd_ce_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
@@ -146,13 +142,24 @@ def pgd_ce_until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     same reason). Only for evaluation: training wants the final iterate. Sharded over CPU threads
     inside ``cpu_attack_shards``.
     """
+    def run(xs: torch.Tensor, ys: torch.Tensor, ds: torch.Tensor, step: float) -> torch.Tensor:
+        return _until_fooled(model, xs, ys, ds, eps, steps, step, norm)
+
+    return _sharded_ce_attack(run, model, x, y, eps, steps, step_size, norm, rand_init, generator)
+
+
+def _sharded_ce_attack(run: Callable[..., torch.Tensor], model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       eps: float, steps: int, step_size: float | None, norm: Norm, rand_init: bool,
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """What the cross-entropy attacks share: the trivial cases, the default step, eval mode, and one
+    random start drawn for the whole batch before ``run(x, y, start, step)`` is sharded."""
     x = x.detach()
     if eps <= 0 or steps <= 0:
         return x.clone()
-    step_size = _default_step(eps, steps, norm) if step_size is None else step_size
+    step = _default_step(eps, steps, norm) if step_size is None else step_size
     with eval_mode(model):
-        start = _start(x, eps, norm, rand_init, generator)  # drawn for the whole batch, shards or not
-        return sharded(lambda xs, ys, ds: _until_fooled(model, xs, ys, ds, eps, steps, step_size, norm), [x, y, start])
+        start = _start(x, eps, norm, rand_init, generator)
+        return sharded(lambda xs, ys, ds: run(xs, ys, ds, step), [x, y, start])
 
 
 def _until_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, eps: float, steps: int,
