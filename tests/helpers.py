@@ -37,14 +37,27 @@ def unbuffered_env() -> dict[str, str]:
 
 
 def interrupt_after_first_checkpoint(cmd: list[str], out: Path, stop_timeout: float) -> tuple[int, str]:
-    """Start a CLI run, Ctrl-C it once a trial has written its first checkpoint under ``out/tune``;
-    return its exit code and output. The deadline is generous: it returns as soon as the file exists."""
+    """Start a CLI run, Ctrl-C it once Tune has committed a trial's first checkpoint under ``out/tune``;
+    return its exit code and output. The deadline is generous: it returns as soon as that holds.
+
+    A checkpoint folder on disk is not yet a committed checkpoint: the trial writes it before the driver
+    registers it, and a Ctrl-C in between resumes the trial from scratch. Tune holds a trial's next
+    training step until its checkpoint is registered, so a second result line proves the first one is."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=unbuffered_env())
     try:
-        wait_for(lambda: any((out / "tune").glob("*/checkpoint_*/trainer_state.pt")), 600, "a first checkpoint")
+        wait_for(lambda: any(_result_lines(log) >= 2 for log in (out / "tune").glob("*/result.json")),
+                 600, "a first committed checkpoint")
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=stop_timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, output
+
+
+def _result_lines(result_log: Path) -> int:
+    """How many results Tune's driver has logged for one trial (0 while the file is being created)."""
+    try:
+        return sum(1 for line in result_log.read_text().splitlines() if line.strip())
+    except FileNotFoundError:
+        return 0
