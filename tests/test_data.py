@@ -26,6 +26,24 @@ def test_digits_split_is_fixed_disjoint_and_in_range(digits):
     assert digits.info.eps_unit == digits.info.standard_eps / 8
 
 
+def test_digits_read_without_sklearn_equal_sklearns_loader(monkeypatch):
+    """The fast CSV read must give exactly what load_digits gives, and fall back to it if the file moves."""
+    from sklearn.datasets import load_digits
+
+    from raydefense import data
+
+    reference = load_digits()
+    images, labels = data._digits_arrays()
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+
+    class Moved:  # a scikit-learn whose data folder is elsewhere
+        submodule_search_locations = ["/nonexistent"]
+
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: Moved())
+    images, labels = data._digits_arrays()
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+
+
 def test_eps_parsing_and_printing():
     assert parse_eps("8/255") == 8 / 255 and parse_eps("0.3") == 0.3
     assert format_eps(8 / 255) == "8/255" and format_eps(3 / 16) == "3/16" and format_eps(0.3) == "0.3"
