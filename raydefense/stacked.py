@@ -7,8 +7,11 @@ where one small model leaves the device idle). SGD is element-wise, so one optim
 stacked parameters updates each model exactly as its own optimizer would; the summed loss gives
 each model's slice its own gradient. Each model attacks with its own eps.
 
-Models with BatchNorm are refused: their running statistics are buffers updated in place in
-train mode, which vmap cannot write back per model; train those one per trial instead.
+BatchNorm works per model: the stacked buffers go into vmap batched like the parameters, so in train
+mode each model's batch statistics update its own running mean and variance in place (a test checks
+them against separately trained models). Like ``pgd_ce``, the attack runs in eval mode (running
+statistics) and the caller's mode is restored for the weight update. Dropout is refused by vmap
+(``randomness="error"``) rather than sharing one mask across models.
 A building block: ``sweep afs`` still runs one trial per budget (see docs/performance.md).
 """
 
@@ -29,10 +32,9 @@ def check_stackable(models: list[nn.Module]) -> None:
         raise UserError("no models to stack")
     if len({type(m) for m in models}) > 1:
         raise UserError("stacked training needs models of one architecture")
-    for m in models[0].modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise UserError(f"{type(models[0]).__name__} has BatchNorm ({type(m).__name__}): its running statistics "
-                            "cannot be updated per model under vmap; train these models one per trial")
+    shapes = {tuple((k, tuple(v.shape)) for k, v in m.state_dict().items()) for m in models}
+    if len(shapes) > 1:
+        raise UserError("stacked training needs models of one architecture with the same shapes")
 
 
 class StackedModels:
@@ -52,6 +54,18 @@ class StackedModels:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._call(self.params, self.buffers, x)
 
+    @property
+    def training(self) -> bool:
+        return self.base.training
+
+    def train(self, mode: bool = True) -> "StackedModels":
+        """Train mode for every model (BatchNorm uses and updates batch statistics)."""
+        self.base.train(mode)
+        return self
+
+    def eval(self) -> "StackedModels":
+        return self.train(False)
+
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Each model's weights, for a checkpoint per model."""
         return [{**{k: v[i].detach().clone() for k, v in self.params.items()},
@@ -65,7 +79,18 @@ def _per_model(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def stacked_pgd(stack: StackedModels, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
                 step_size: torch.Tensor, rand_init: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """L-inf PGD on summed CE for every model at its own eps: x (B, ...) -> x_adv (M, B, ...)."""
+    """L-inf PGD on summed CE for every model at its own eps: x (B, ...) -> x_adv (M, B, ...).
+    Runs the models in eval mode, as ``pgd_ce`` does, and restores their mode."""
+    was_training = stack.training
+    stack.eval()
+    try:
+        return _stacked_pgd(stack, x, y, eps, steps, step_size, rand_init, generator)
+    finally:
+        stack.train(was_training)
+
+
+def _stacked_pgd(stack: StackedModels, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
+                 step_size: torch.Tensor, rand_init: bool, generator: torch.Generator | None) -> torch.Tensor:
     xs = x.detach().unsqueeze(0).expand(stack.n, *x.shape)
     e, a = _per_model(eps, xs), _per_model(step_size, xs)
     if rand_init:

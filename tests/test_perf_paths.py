@@ -204,9 +204,54 @@ def test_stacked_models_train_like_separate_ones(digits):
     assert float(losses[1]) > float(losses[0])  # the larger budget is the harder problem
 
 
-def test_stacking_refuses_batchnorm(digits):
+def test_stacked_batchnorm_models_train_like_separate_ones(digits):
+    """With BatchNorm, each stacked model keeps its own running statistics: after two PGD-AT steps
+    (attack in eval mode, update in train mode) weights and running mean/var equal separate training."""
+    from raydefense.stacked import StackedModels, stacked_pgd, stacked_pgd_at_step
+
+    def bn_cnn() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10))
+
+    torch.manual_seed(0)
+    models = [bn_cnn() for _ in range(2)]
+    separate = copy.deepcopy(models)
+    x, y = digits.train.tensors()
+    eps = torch.tensor([0.1, 0.25])
+    stack = StackedModels(models).train()
+    opt = torch.optim.SGD(list(stack.params.values()), lr=0.05, momentum=0.9)
+    ref_opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in separate]
+    for batch in (slice(0, 64), slice(64, 128)):
+        losses = stacked_pgd_at_step(stack, opt, x[batch], y[batch], eps, 3, eps / 4, rand_init=False)
+        assert stack.training  # the attack's eval mode was undone
+        for i, (m, o) in enumerate(zip(separate, ref_opts)):
+            m.train()
+            xa = pgd_ce(m, x[batch], y[batch], float(eps[i]), 3, float(eps[i]) / 4, rand_init=False)
+            loss = F.cross_entropy(m(xa), y[batch])
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            assert float(losses[i]) == pytest.approx(float(loss.detach()), rel=1e-4)
+    for i, m in enumerate(separate):
+        state = stack.state_dicts()[i]
+        assert set(state) == set(m.state_dict())
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(state[k], v, atol=1e-5, rtol=1e-4)
+        assert int(state["1.num_batches_tracked"]) == 2 and float(state["1.running_mean"].abs().sum()) > 0
+    assert not torch.equal(stack.buffers["1.running_mean"][0], stack.buffers["1.running_mean"][1])
+    # eval mode uses each model's own running statistics
+    stack.eval()
+    xa = stacked_pgd(stack, x[:32], y[:32], eps, 2, eps / 4, rand_init=False)
+    assert not stack.training
+    with torch.no_grad():
+        for i, m in enumerate(separate):
+            m.eval()
+            torch.testing.assert_close(stack(xa)[i], m(xa[i]), atol=1e-4, rtol=1e-4)
+
+
+def test_stacking_refuses_mixed_architectures(digits):
     from raydefense.models import build_classifier
     from raydefense.stacked import StackedModels
 
-    with pytest.raises(UserError, match="BatchNorm"):
-        StackedModels([build_classifier("preact-resnet18", digits.info) for _ in range(2)])
+    with pytest.raises(UserError, match="one architecture"):
+        StackedModels([build_classifier("small-cnn", digits.info), torch.nn.Linear(64, 10)])
