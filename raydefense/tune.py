@@ -139,6 +139,9 @@ def tune_spec(req: TuneRequest, callbacks: list | None = None) -> ExperimentSpec
     metric = list(req.metric) if multi else req.metric
     mode = ["max", "max"] if multi else "max"
     points = [req.space.default_point(req.method, req.train)] if req.include_default else None
+    # The searcher's study lives in memory (Tune checkpoints it); Optuna's INFO line "A new study created
+    # in memory" would read as if optuna.db were not used, so only warnings are shown.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = OptunaSearch(space=req.space.sample, metric=metric, mode=mode,
                             sampler=optuna.samplers.TPESampler(seed=req.seed), points_to_evaluate=points or None)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
