@@ -255,3 +255,20 @@ def test_stacking_refuses_mixed_architectures(digits):
 
     with pytest.raises(UserError, match="one architecture"):
         StackedModels([build_classifier("small-cnn", digits.info), torch.nn.Linear(64, 10)])
+
+
+def test_benchmark_sweep_extrapolation_packs_trials_like_tune():
+    """benchmarks/run.py extrapolates a 2-epoch sweep: trials start in order on the first free slot."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parents[1] / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    assert bench.makespan([6] + [20] * 9, 2) == 100  # the slot that gets 5 of the 9 long trials
+    assert bench.makespan([20] * 9 + [6], 2) == 100 and bench.makespan([10, 10], 1) == 20
+    trial = [{"done_training": False, "time_this_iter_s": 3.0, "time_total_s": 3.0},
+             {"done_training": False, "time_this_iter_s": 1.0, "time_total_s": 4.0},
+             {"done_training": True, "time_this_iter_s": 0.5, "time_total_s": 4.5}]
+    assert bench.extrapolate_trial(trial, 20) == pytest.approx(4.5 + 18 * 1.0)  # warm-up counted once
