@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import shutil
@@ -262,8 +263,6 @@ def run_sweep(extra: list[str], keep: bool = False) -> dict:
 
 def _trial_results(tune_dir: Path) -> list[list[dict]]:
     """Each trial's result lines, in the order Tune created the trials (its trial index)."""
-    import json
-
     trials = [[json.loads(line) for line in f.read_text().splitlines() if line.strip()]
               for f in tune_dir.glob("*/result.json")]
     return sorted((t for t in trials if t), key=lambda t: t[0]["trial_id"].rsplit("_", 1)[-1])

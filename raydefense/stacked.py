@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from raydefense.attacks.pgd import eval_mode
 from raydefense.errors import UserError
 
 
@@ -81,16 +82,6 @@ def stacked_pgd(stack: StackedModels, x: torch.Tensor, y: torch.Tensor, eps: tor
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """L-inf PGD on summed CE for every model at its own eps: x (B, ...) -> x_adv (M, B, ...).
     Runs the models in eval mode, as ``pgd_ce`` does, and restores their mode."""
-    was_training = stack.training
-    stack.eval()
-    try:
-        return _stacked_pgd(stack, x, y, eps, steps, step_size, rand_init, generator)
-    finally:
-        stack.train(was_training)
-
-
-def _stacked_pgd(stack: StackedModels, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int,
-                 step_size: torch.Tensor, rand_init: bool, generator: torch.Generator | None) -> torch.Tensor:
     xs = x.detach().unsqueeze(0).expand(stack.n, *x.shape)
     e, a = _per_model(eps, xs), _per_model(step_size, xs)
     if rand_init:
@@ -99,14 +90,15 @@ def _stacked_pgd(stack: StackedModels, x: torch.Tensor, y: torch.Tensor, eps: to
         delta = torch.zeros_like(xs)
     delta = (xs + delta).clamp(0, 1) - xs
     yy = y.repeat(stack.n)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        logits = stack(xs + delta)
-        loss = F.cross_entropy(logits.flatten(0, 1), yy, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            delta = torch.maximum(torch.minimum(delta + a * grad.sign(), e), -e)
-            delta = (xs + delta).clamp(0, 1) - xs
+    with eval_mode(stack.base):  # the base module's mode is every stacked model's mode
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            logits = stack(xs + delta)
+            loss = F.cross_entropy(logits.flatten(0, 1), yy, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = torch.maximum(torch.minimum(delta + a * grad.sign(), e), -e)
+                delta = (xs + delta).clamp(0, 1) - xs
     return (xs + delta).detach()
 
 
