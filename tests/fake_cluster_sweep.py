@@ -19,18 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def read_results(tune_dir: Path) -> dict[str, list[dict]]:
-    out = {}
-    for path in tune_dir.glob("*/result.json"):
-        lines = []
-        for line in path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                break
-        out[path.parent.name] = lines
-    return out
+from helpers import read_results  # tests/ is on sys.path: this script runs from it
 
 
 def main() -> int:

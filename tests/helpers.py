@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -45,7 +46,7 @@ def interrupt_after_first_checkpoint(cmd: list[str], out: Path, stop_timeout: fl
     training step until its checkpoint is registered, so a second result line proves the first one is."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=unbuffered_env())
     try:
-        wait_for(lambda: any(_result_lines(log) >= 2 for log in (out / "tune").glob("*/result.json")),
+        wait_for(lambda: any(len(lines) >= 2 for lines in read_results(out / "tune").values()),
                  600, "a first committed checkpoint")
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=stop_timeout)
@@ -55,9 +56,19 @@ def interrupt_after_first_checkpoint(cmd: list[str], out: Path, stop_timeout: fl
     return proc.returncode, output
 
 
-def _result_lines(result_log: Path) -> int:
-    """How many results Tune's driver has logged for one trial (0 while the file is being created)."""
-    try:
-        return sum(1 for line in result_log.read_text().splitlines() if line.strip())
-    except FileNotFoundError:
-        return 0
+def read_results(tune_dir: Path) -> dict[str, list[dict]]:
+    """Each trial's complete result lines so far (trial folder name -> results), read while Tune writes."""
+    out = {}
+    for path in tune_dir.glob("*/result.json"):
+        lines = []
+        try:
+            text = path.read_text()
+        except FileNotFoundError:  # the trial folder is being created
+            continue
+        for line in text.splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                break
+        out[path.parent.name] = lines
+    return out
