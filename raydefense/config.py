@@ -35,6 +35,12 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: Literal["piecewise", "cosine", "constant"] = "piecewise"
+    lr_milestones: Optional[list[float]] = None  # piecewise: epochs at which lr *= lr_gamma (None: 50 % and 75 %)
+    lr_gamma: float = 0.1  # piecewise decay factor
+    augment: str = "auto"  # auto | none | comma list of crop, flip (raydefense/augment.py)
+    augment_padding: Optional[int] = None  # crop padding in pixels (None: height // 8, i.e. 4 on 32x32)
+    augment_pad_mode: Literal["zeros", "reflect"] = "zeros"  # zeros: torchvision RandomCrop; reflect: Rice et al.
+    init_from: Optional[str] = None  # warm-start the weights from this checkpoint directory
     val_attack_steps: int = 10  # PGD steps used for validation robust accuracy
     patience: int = 0  # stop after this many epochs without a better val robust accuracy (0: never)
     seed: int = 0
@@ -78,7 +84,15 @@ HELP: dict[str, str] = {
     "lr": "learning rate",
     "momentum": "SGD momentum",
     "weight_decay": "weight decay",
-    "lr_schedule": "piecewise (x0.1 at 50% and 75%), cosine or constant",
+    "lr_schedule": "piecewise (x lr_gamma at each of --lr-milestones; default x0.1 at 50% and 75%), cosine or constant",
+    "lr_milestones": "piecewise schedule: epochs at which the lr is multiplied by --lr-gamma, e.g. 100,150 "
+                     "(default: 50% and 75% of the epochs)",
+    "lr_gamma": "piecewise schedule: factor applied at each milestone",
+    "augment": "training augmentation: auto (crop+flip on CIFAR/ImageNet-like, crop on SVHN, none on digits and "
+               "MNIST-likes), none, or a comma list of crop, flip",
+    "augment_padding": "random-crop padding in pixels (default: image height / 8, i.e. 4 on 32x32)",
+    "augment_pad_mode": "random-crop padding: zeros (torchvision RandomCrop) or reflect (Rice et al. 2020)",
+    "init_from": "warm-start the weights from this checkpoint directory (same arch and dataset)",
     "val_attack_steps": "PGD steps for validation robust accuracy",
     "patience": "early stop after this many epochs without improvement (0: never; best epoch kept anyway)",
     "seed": "random seed",
@@ -116,6 +130,8 @@ def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
             except json.JSONDecodeError:
                 if origin in (list, tuple):
                     value = [v for v in value.split(",") if v]
+            if origin in (list, tuple) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]  # "--lr-milestones 100": a one-item list
         if origin is dict and isinstance(value, dict):
             return dict(value)
         if origin in (list, tuple) and isinstance(value, (list, tuple)):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from raydefense.attacks import pgd_ce_until_fooled
+from raydefense.augment import build_augmenter
 from raydefense.attacks.shards import auto_shards, cpu_threads_as_shards
 from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
                                    load_module_states, module_states, read_config, safe_torch_load,
@@ -34,6 +35,7 @@ from raydefense.errors import UserError
 from raydefense.fast import GradScalerStep, autocast, prepare_modules, to_memory_format, validate_fast_paths
 from raydefense.methods import Method, MethodContext, build_method
 from raydefense.provenance import provenance
+from raydefense.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_multiplier(schedule: str, total_steps: int) -> Callable[[int], float]:
-    """Per-iteration LR factor: piecewise (x0.1 at 50 % and 75 %), cosine, or constant."""
+def lr_multiplier(schedule: str, total_steps: int, milestones: list[float] | None = None,
+                  gamma: float = 0.1) -> Callable[[int], float]:
+    """Per-iteration LR factor: piecewise (x ``gamma`` at each of the ``milestones``, in steps; default
+    x0.1 at 50 % and 75 % of ``total_steps``), cosine to 0 over ``total_steps``, or constant."""
     total = max(1, total_steps)
     if schedule == "constant":
         return lambda step: 1.0
     if schedule == "cosine":
         return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     if schedule == "piecewise":
-        return lambda step: 1.0 if step < 0.5 * total else (0.1 if step < 0.75 * total else 0.01)
+        marks = sorted(milestones) if milestones is not None else [0.5 * total, 0.75 * total]
+        inverse = 1.0 / gamma  # 1 / 10**k is exactly 0.1 and 0.01, as before milestones existed (gamma**2 is not)
+        return lambda step: 1.0 / inverse ** sum(step >= m for m in marks)
     raise UserError(f"unknown lr schedule {schedule!r}; use piecewise, cosine or constant")
 
 
@@ -85,6 +91,10 @@ def validate_config(cfg: TrainConfig) -> None:
             raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise UserError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.lr_gamma <= 0:
+        raise UserError(f"lr_gamma must be > 0, got {cfg.lr_gamma}")
+    if cfg.lr_milestones is not None and any(m < 0 or not math.isfinite(m) for m in cfg.lr_milestones):
+        raise UserError(f"lr_milestones must be epochs >= 0, got {cfg.lr_milestones}")
     for name in ("threads", "attack_shards"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0 (0: automatic), got {getattr(cfg, name)}")
@@ -139,6 +149,8 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     splits = splits or load_splits(cfg.dataset, cfg.data_dir, cfg.download)
+    augmenter = build_augmenter(cfg.augment, cfg.augment_padding, cfg.augment_pad_mode, splits.info.name,
+                                splits.info.shape)
     train_x, train_y = (t.to(device) for t in splits.train.tensors())
     val_x, val_y = (t.to(device) for t in splits.val.tensors())
     n_batches = math.ceil(len(train_y) / cfg.batch_size)
@@ -152,7 +164,8 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     method.optimizers = method.configure_optimizers()
     if data_parallel is not None:
         data_parallel.attach(method.optimizers)
-    factor = lr_multiplier(cfg.lr_schedule, cfg.epochs * n_batches)
+    milestones = None if cfg.lr_milestones is None else [m * n_batches for m in cfg.lr_milestones]
+    factor = lr_multiplier(cfg.lr_schedule, cfg.epochs * n_batches, milestones, cfg.lr_gamma)
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in method.optimizers.items()}
     select = getattr(method, "selection_metric", "val_robust_acc")
 
@@ -175,6 +188,8 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
         history = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()[:start_epoch]] \
             if (out_dir / METRICS_FILE).is_file() else []
         log.info("resuming %s at epoch %d/%d", cfg.method, start_epoch + 1, cfg.epochs)
+    elif cfg.init_from:
+        warm_start(method, cfg.init_from, splits.info.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
 
@@ -193,13 +208,15 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
                 m.train()
             order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             sums: dict[str, float] = {}
+            augment = augmenter.for_epoch(cfg.seed, epoch, len(train_y), device) if augmenter else None
             for b in range(n_batches):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(device)
                 if data_parallel is not None:
                     idx = data_parallel.shard(idx)
                 method.batch_in_epoch = b
+                xb = train_x[idx] if augment is None else augment(train_x[idx], idx)
                 with autocast(cfg, device):
-                    step_metrics = method.train_step(to_memory_format(train_x[idx], cfg), train_y[idx])
+                    step_metrics = method.train_step(to_memory_format(xb, cfg), train_y[idx])
                 if data_parallel is not None:
                     step_metrics = data_parallel.average(step_metrics)
                 for k, v in step_metrics.items():

@@ -35,6 +35,8 @@ def sweep_afs(
     storage: Optional[str] = typer.Option(None, help="results location: a path or a URI Ray storage accepts (s3://...)"),
     max_failures: int = typer.Option(2, help="retries of a failed trial (e.g. its node died) from its last checkpoint; -1: no limit"),
     dashboard_host: str = typer.Option("127.0.0.1", help="bind the Ray dashboard here when Ray starts locally (0.0.0.0: reachable from the network)"),
+    preset: Optional[str] = typer.Option(None, help="the extractors' settings as defaults that flags override: "
+                                         "afs-extractor, afs-code-extractor, rice2020-pgd-at (docs/presets.md)"),
     fresh: bool = typer.Option(False, help="delete OUT first instead of resuming"),
     overrides: dict = None,
 ) -> None:
@@ -58,7 +60,11 @@ def sweep_afs(
 
     check_storage(storage)
     dashboard_host = check_dashboard_host(dashboard_host)
-    cfg = build_dataclass(TrainConfig, {**(overrides or {}), "method": "pgd-at"}, where="sweep afs")
+    from raydefense.presets import preset_values
+    from raydefense.warm_start import absolute_init_from
+
+    cfg = absolute_init_from(build_dataclass(
+        TrainConfig, {**preset_values(preset, "pgd-at"), **(overrides or {}), "method": "pgd-at"}, where="sweep afs"))
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.download)
     resources = Resources(cpus_per_trial, gpus_per_trial, workers_per_trial)
     resources.validate()

@@ -28,15 +28,20 @@ def load_config_file(path: Path) -> dict:
     return data
 
 
-def make_train_config(method: str, overrides: dict, assignments: list[str], config_file: Optional[Path]) -> TrainConfig:
+def make_train_config(method: str, overrides: dict, assignments: list[str], config_file: Optional[Path],
+                      preset: Optional[str] = None) -> TrainConfig:
+    """Layers, lowest first: TrainConfig defaults, --preset, --config, explicit flags, --set."""
     from raydefense.methods import get_method_class
+    from raydefense.presets import preset_values
+    from raydefense.warm_start import absolute_init_from
 
     get_method_class(method)  # unknown method: clear error before anything else
+    layer = preset_values(preset, method)
     base = load_config_file(config_file) if config_file else {}
-    values = {**base, **overrides, "method": method}
-    options = {**values.get("options", {}), **parse_assignments(assignments)}
+    values = {**layer, **base, **overrides, "method": method}
+    options = {**layer.get("options", {}), **base.get("options", {}), **parse_assignments(assignments)}
     values["options"] = options
-    cfg = build_dataclass(TrainConfig, values, where="train")
+    cfg = absolute_init_from(build_dataclass(TrainConfig, values, where="train"))
     cls = get_method_class(method)
     build_dataclass(cls.Options, options, where=f"{method} options")  # validate now, not mid-run
     return cfg
@@ -49,6 +54,9 @@ def train(
     out: Optional[Path] = typer.Option(None, help="checkpoint directory [default: runs/<method>-<dataset>-s<seed>]"),
     set_: list[str] = typer.Option([], "--set", help="method option key=value (repeatable), e.g. --set beta=6"),
     config: Optional[Path] = typer.Option(None, help="JSON file of training options (e.g. a tune best.json)"),
+    preset: Optional[str] = typer.Option(None, help="a paper's settings as defaults that flags override: "
+                                         "rice2020-pgd-at, zhang2019-trades, afs-extractor, afs-code-extractor "
+                                         "(docs/presets.md)"),
     fresh: bool = typer.Option(False, help="delete OUT first instead of resuming from it"),
     overrides: dict = None,
 ) -> None:
@@ -57,7 +65,7 @@ def train(
     from raydefense.report import rich_table
     from raydefense.train import fit
 
-    cfg = make_train_config(method, overrides or {}, set_, config)
+    cfg = make_train_config(method, overrides or {}, set_, config, preset)
     out = out or Path("runs") / f"{cfg.method}-{cfg.dataset}-s{cfg.seed}"
     if fresh and out.exists():
         shutil.rmtree(out)
