@@ -72,3 +72,29 @@ def read_results(tune_dir: Path) -> dict[str, list[dict]]:
                 break
         out[path.parent.name] = lines
     return out
+
+
+def write_cifar10_batches(root: Path, per_batch: int, n_test: int, seed: int = 0) -> Path:
+    """torchvision's CIFAR-10 python format under ``root/cifar-10-batches-py``: data_batch_1..5, test_batch,
+    batches.meta (pickled dicts of uint8 rows of 3072 pixels and label lists); returns ``root``."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    return Path(root)
+
+
+def trust_fabricated_cifar(monkeypatch) -> None:
+    """Fabricated files cannot match torchvision's published md5 sums; only that check is skipped."""
+    import torchvision.datasets as tvd
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # the meta file's md5
