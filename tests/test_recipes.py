@@ -217,3 +217,26 @@ def test_train_cli_with_a_preset_on_cifar10_files(tmp_path, monkeypatch):
                    "--out", out) == 0
     train = json.loads((out / "config.json").read_text())["train"]
     assert train["arch"] == "small-cnn" and train["weight_decay"] == 5e-4 and train["augment"] == "crop,flip"
+
+
+def test_bad_recipe_input_is_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    for argv, message in [
+        (("train", "natural", "--augment", "crop,flip"), "error: augment: digits must not be flipped"),
+        (("train", "natural", "--lr-milestones", "-1"), "error: lr_milestones must be epochs >= 0"),
+        (("train", "natural", "--lr-gamma", "0"), "error: lr_gamma must be > 0"),
+        (("train", "pgd-at", "--preset", "nope"), "error: unknown preset 'nope'"),
+        (("sweep", "afs", "--budgets", "0..1", "--preset", "zhang2019-trades"),
+         "error: preset 'zhang2019-trades' is a trades recipe, not pgd-at"),
+    ]:
+        capsys.readouterr()
+        assert run_cli(*argv, "--out", out) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), (argv, err)
+        assert not out.exists()
+
+
+def test_one_milestone_on_the_command_line_is_a_list():
+    assert make_train_config("natural", {"lr_milestones": "3"}, [], None).lr_milestones == [3.0]
+    assert make_train_config("natural", {"lr_milestones": "100,150"}, [], None).lr_milestones == [100.0, 150.0]
+    assert make_train_config("natural", {"lr_milestones": "none"}, [], None).lr_milestones is None
