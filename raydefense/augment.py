@@ -86,17 +86,15 @@ class EpochAugment:
         cols = torch.where(flip[:, None], a.width - 1 - ar_w, ar_w)
         rows = off[:, :1] + ar_h  # (B, H) source rows, may fall into the padding
         cols = off[:, 1:] + cols  # (B, W)
-        if a.pad_mode == "reflect":
-            rows, cols = _reflect(rows, a.height), _reflect(cols, a.width)
-            mask = None
-        else:
-            mask = ((rows >= 0) & (rows < a.height))[:, :, None] & ((cols >= 0) & (cols < a.width))[:, None, :]
-            rows, cols = rows.clamp(0, a.height - 1), cols.clamp(0, a.width - 1)
-        batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
-        out = x[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-        if mask is not None:
-            out = out * mask[..., None].to(out.dtype)
-        return out.permute(0, 3, 1, 2).contiguous()
+        b, c = x.shape[:2]
+        if a.pad_mode == "reflect":  # map the padding back into the image: no padded copy
+            rows, cols, width = _reflect(rows, a.height), _reflect(cols, a.width), a.width
+        else:  # zeros: gather from a zero-padded copy
+            pad = a.padding
+            x = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+            rows, cols, width = rows + pad, cols + pad, a.width + 2 * pad
+        flat = (rows[:, :, None] * width + cols[:, None, :]).reshape(b, 1, -1).expand(b, c, -1)
+        return x.reshape(b, c, -1).gather(2, flat).reshape(b, c, a.height, a.width)
 
 
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
