@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from raydefense.attacks import pgd_ce_until_fooled
-from raydefense.augment import build_augmenter
 from raydefense.attacks.shards import auto_shards, cpu_threads_as_shards
+from raydefense.augment import build_augmenter
 from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
                                    load_module_states, module_states, read_config, safe_torch_load,
                                    save_checkpoint)
