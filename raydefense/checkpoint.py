@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from raydefense.errors import CheckpointError
+from raydefense.errors import CheckpointError, UserError
 
 CONFIG = "config.json"
 WEIGHTS = "model.pt"
@@ -190,6 +190,10 @@ def method_from_weights(ckpt_dir: Path, config: dict, weights: dict, device: tor
         info = DatasetInfo.from_dict(config["dataset"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"corrupt {ckpt_dir / CONFIG}: missing or malformed field {exc}") from None
+    except CheckpointError:
+        raise
+    except UserError as exc:  # e.g. lr NaN, saved before options were range-checked
+        raise CheckpointError(f"{ckpt_dir / CONFIG} holds invalid training options: {exc}") from None
     method = build_method(MethodContext(cfg, info, device))
     c, h, w = info.shape
     described = (f"the {cfg.method} model its {CONFIG} describes ({method.ctx.arch} on {info.name}: "

@@ -226,3 +226,13 @@ def test_a_weights_model_misfit_names_shapes_and_datasets(tmp_path, natural_ckpt
     assert "(for 1-channel inputs, 10 classes)" in message  # what the weights were trained on
     assert "small-cnn on cifar10: 3x8x8 inputs" in message  # what the config asks for
     assert "backbone.blocks.0.0.weight is [16, 1, 3, 3] in model.pt but [16, 3, 3, 3] in the model" in message
+
+
+def test_a_checkpoint_saved_with_a_nan_option_names_its_config(tmp_path, natural_ckpt):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(natural_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["train"]["lr"] = math.nan  # what the old code saved for "lr": NaN
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json holds invalid training options: .*lr must be a finite"):
+        load_model(ckpt)
