@@ -134,7 +134,7 @@ def test_values_from_python_or_a_search_meet_the_same_ranges():
         TrainConfig().replace(weight_decay=-1e-4)
 
 
-def test_unwritable_out_is_one_line(tmp_path, capsys, digits):
+def test_an_uncreatable_output_directory_is_a_user_error(digits):
     with pytest.raises(UserError, match="cannot create the output directory"):
         fit(TrainConfig(method="natural", epochs=1), Path("/proc/no/such/dir"), splits=digits)
 
