@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from raydefense.errors import CheckpointError
+from raydefense.errors import CheckpointError, UserError
 
 CONFIG = "config.json"
 WEIGHTS = "model.pt"
@@ -63,20 +65,70 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+# What a tensor-only torch.save pickle imports; anything else in a refused file is pickled code.
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset")
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The names the pickles in ``path`` import (GLOBAL / STACK_GLOBAL), read with pickletools,
+    which never imports or runs anything. A zip checkpoint's data.pkl or a bare pickle file."""
+    import io
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = b"".join(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(8):  # legacy torch.save files hold several pickles one after the other
+        pushed: list = []
+        memo: dict = {}
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(pushed) >= 2:
+                    found.append(f"{pushed[-2]}.{pushed[-1]}")
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    pushed.append(memo.get(arg))
+                elif isinstance(arg, str):
+                    pushed.append(arg)
+                elif op.name != "FRAME":
+                    pushed.append(None)
+                if op.name == "STOP":
+                    break
+        except Exception:  # noqa: BLE001 - not (or no more) pickle data: report what was read
+            break
+    return found
+
+
 def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """torch.load with weights_only=True; a file holding pickled code is refused by name."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         import re
 
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found:  # a real pickle that names code to import: never load it
-            raise CheckpointError(f"refusing to load {path}: it holds pickled objects, not only tensors "
-                                  f"(it imports {found.group(1)})") from None
+        code = [g for g in _pickled_globals(path) if not g.startswith(_TENSOR_GLOBALS)]
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if code or found:  # a pickle that names code to import: never load it
+            name = code[0] if code else found.group(1)
+            raise CheckpointError(f"refusing to load {path}: it holds pickled objects, i.e. code to import and run "
+                                  f"({name}), not only tensors") from None
         raise CheckpointError(f"cannot read {path}: not a tensor file saved by torch.save (corrupt or truncated?)") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -138,8 +190,15 @@ def method_from_weights(ckpt_dir: Path, config: dict, weights: dict, device: tor
         info = DatasetInfo.from_dict(config["dataset"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"corrupt {ckpt_dir / CONFIG}: missing or malformed field {exc}") from None
+    except CheckpointError:
+        raise
+    except UserError as exc:  # e.g. lr NaN, saved before options were range-checked
+        raise CheckpointError(f"{ckpt_dir / CONFIG} holds invalid training options: {exc}") from None
     method = build_method(MethodContext(cfg, info, device))
-    load_module_states(method.modules(), weights, ckpt_dir)
+    c, h, w = info.shape
+    described = (f"the {cfg.method} model its {CONFIG} describes ({method.ctx.arch} on {info.name}: "
+                 f"{c}x{h}x{w} inputs, {info.num_classes} classes)")
+    load_module_states(method.modules(), weights, ckpt_dir, described)
     for module in method.modules().values():
         module.eval()
     return method
@@ -153,7 +212,38 @@ def module_states(modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Te
     return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
 
 
-def load_module_states(modules: dict[str, nn.Module], weights: dict, where: Path | str) -> None:
+def _weights_shape(state: dict) -> str:
+    """What a state dict was trained for, read from its shapes: input channels and classes."""
+    parts = []
+    mean = next((v for k, v in state.items() if k.endswith("normalize.mean") and hasattr(v, "numel")), None)
+    if mean is not None:
+        parts.append(f"{mean.numel()}-channel inputs")
+    head = state.get("head.weight")
+    if head is not None and getattr(head, "ndim", 0) == 2:
+        parts.append(f"{head.shape[0]} classes")
+    return ", ".join(parts)
+
+
+def state_mismatch(module: nn.Module, state: dict, limit: int = 3) -> str:
+    """One line naming what differs between a module and a state dict: shapes, missing, unexpected keys."""
+    own = module.state_dict()
+    shapes = [f"{k} is {list(v.shape)} in {WEIGHTS} but {list(own[k].shape)} in the model"
+              for k, v in state.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+    parts = [f"shapes differ: {listed(shapes)}"] if shapes else []
+    parts += [f"missing from {WEIGHTS}: {listed(missing)}"] if missing else []
+    parts += [f"not in the model: {listed(unexpected)}"] if unexpected else []
+    return "; ".join(parts)
+
+
+def load_module_states(modules: dict[str, nn.Module], weights: dict, where: Path | str, described: str = "") -> None:
+    """Load each module's state; a misfit names the shapes, what the weights were trained for and,
+    given ``described``, the model the config asks for."""
     missing = sorted(set(modules) - set(weights))
     if missing:
         raise CheckpointError(f"{where}: weights for {', '.join(missing)} are missing from {WEIGHTS}")
@@ -161,4 +251,8 @@ def load_module_states(modules: dict[str, nn.Module], weights: dict, where: Path
         try:
             module.load_state_dict(weights[name])
         except RuntimeError as exc:
-            raise CheckpointError(f"{where}: {name} weights do not fit the model: {str(exc).splitlines()[0]}") from None
+            detail = state_mismatch(module, weights[name]) or str(exc).splitlines()[0]
+            trained = _weights_shape(weights[name])
+            raise CheckpointError(f"{where}: the {name} weights in {WEIGHTS}"
+                                  + (f" (for {trained})" if trained else "")
+                                  + f" do not fit {described or 'the model'}: {detail}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
@@ -53,6 +54,9 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format for modules and training inputs
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        validate_train_config(self)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -62,6 +66,52 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+# Numeric fields and the range each must lie in: (lowest, highest, lowest allowed, highest allowed).
+# Checked on every TrainConfig, so values from flags, a --config JSON, a search space or a stored
+# config.json all meet the same rules before anything trains. Inputs are images in [0, 1]: an eps
+# or step size above 1 is a unit mistake (8 instead of 8/255), not a budget.
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "eps": (0.0, 1.0, True, True),
+    "attack_step_size": (0.0, 1.0, False, True),
+    "eps_warmup_epochs": (0.0, math.inf, True, False),
+    "lr": (0.0, math.inf, False, False),
+    "momentum": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "lr_gamma": (0.0, math.inf, False, False),
+    "augment_padding": (0, math.inf, True, False),
+    "epochs": (1, math.inf, True, False),
+    "batch_size": (1, math.inf, True, False),
+    "attack_steps": (0, math.inf, True, False),
+    "val_attack_steps": (0, math.inf, True, False),
+    "patience": (0, math.inf, True, False),
+    "threads": (0, math.inf, True, False),
+    "attack_shards": (0, math.inf, True, False),
+}
+
+
+def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    text = f"{'>=' if low_in else '>'} {low:g}"
+    return text if high == math.inf else f"{text} and {'<=' if high_in else '<'} {high:g}"
+
+
+def validate_train_config(cfg: "TrainConfig") -> None:
+    """The one range check of TrainConfig's numbers (None: the per-dataset default, always valid)."""
+    for name, (low, high, low_in, high_in) in _RANGES.items():
+        value = getattr(cfg, name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # None: per dataset; a wrong type is _coerce's message, not this one
+        ok = math.isfinite(value) and (value >= low if low_in else value > low) \
+            and (value <= high if high_in else value < high)
+        if not ok:
+            hint = " (inputs are images in [0, 1]: write e.g. 8/255, not 8)" \
+                if name in ("eps", "attack_step_size") and math.isfinite(value) and value > 1 else ""
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise UserError(f"{name} must be {finite}{_range_text(low, high, low_in, high_in)}, got {value!r}{hint}")
+    milestones = cfg.lr_milestones or []
+    if any(isinstance(m, (int, float)) and not (math.isfinite(m) and m >= 0) for m in milestones):
+        raise UserError(f"lr_milestones must be epochs >= 0, got {cfg.lr_milestones}")
 
 
 # Fields that say where and how a run executes, never what it computes: resuming, sweep and search
@@ -155,7 +205,10 @@ def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
         if tp is float:
             from fractions import Fraction
 
-            return float(Fraction(value)) if isinstance(value, str) else float(value)
+            number = float(Fraction(value)) if isinstance(value, str) else float(value)
+            if not math.isfinite(number):  # JSON's NaN / Infinity: never a meaningful option value
+                raise UserError(f"{where}: {name} must be a finite number, got {value!r}")
+            return number
         if tp is str:
             return str(value)
     except (TypeError, ValueError, ZeroDivisionError):

@@ -9,3 +9,12 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint directory is missing, incomplete, corrupt or unsafe to load."""
+
+
+class TrainingDiverged(UserError):
+    """A loss or a weight became NaN/inf: the run stops, keeps nothing as finished, exit code 1.
+
+    A UserError so that the CLI shows its one line; exit 1, not 2, because the arguments parsed
+    fine and it was training that failed (the settings, e.g. a too large lr, are the usual cause)."""
+
+    exit_code = 1

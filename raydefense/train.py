@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -25,13 +27,14 @@ import torch
 from raydefense.attacks import pgd_ce_until_fooled
 from raydefense.attacks.shards import auto_shards, cpu_threads_as_shards
 from raydefense.augment import build_augmenter
-from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_json,
+from raydefense.checkpoint import (CONFIG, TRAINER_STATE, WEIGHTS, atomic_torch_save, atomic_write_bytes,
+                                   atomic_write_json,
                                    load_module_states, module_states, read_config, safe_torch_load,
                                    save_checkpoint)
-from raydefense.config import PLACEMENT_FIELDS, TrainConfig
+from raydefense.config import PLACEMENT_FIELDS, TrainConfig, validate_train_config
 from raydefense.data import Splits, load_splits
 from raydefense.device import resolve_device
-from raydefense.errors import UserError
+from raydefense.errors import CheckpointError, TrainingDiverged, UserError
 from raydefense.fast import GradScalerStep, autocast, prepare_modules, to_memory_format, validate_fast_paths
 from raydefense.methods import Method, MethodContext, build_method
 from raydefense.provenance import provenance
@@ -84,20 +87,8 @@ def lr_multiplier(schedule: str, total_steps: int, milestones: list[float] | Non
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    if cfg.eps is not None and (cfg.eps < 0 or not math.isfinite(cfg.eps)):
-        raise UserError(f"eps must be >= 0, got {cfg.eps}")
-    for name in ("epochs", "batch_size", "attack_steps"):
-        if getattr(cfg, name) < (0 if name == "attack_steps" else 1):
-            raise UserError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise UserError(f"lr must be > 0, got {cfg.lr}")
-    if cfg.lr_gamma <= 0:
-        raise UserError(f"lr_gamma must be > 0, got {cfg.lr_gamma}")
-    if cfg.lr_milestones is not None and any(m < 0 or not math.isfinite(m) for m in cfg.lr_milestones):
-        raise UserError(f"lr_milestones must be epochs >= 0, got {cfg.lr_milestones}")
-    for name in ("threads", "attack_shards"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{name} must be >= 0 (0: automatic), got {getattr(cfg, name)}")
+    """Re-check the ranges (a TrainConfig checks them when built; fields may have been set since)."""
+    validate_train_config(cfg)
 
 
 @torch.no_grad()
@@ -126,6 +117,58 @@ def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
 def checkpoint_config(cfg: TrainConfig, method: Method, **extra: Any) -> dict[str, Any]:
     return {"kind": "method", "train": cfg.to_dict(), "dataset": method.ctx.info.to_dict(),
             "arch": method.ctx.arch, "eps": method.ctx.eps, "provenance": provenance(), **extra}
+
+
+def check_step_finite(step_metrics: dict[str, float], epoch: int) -> None:
+    """Every step: a NaN/inf loss term stops the run (the floats are already on the host)."""
+    for name, value in step_metrics.items():
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"training diverged at epoch {epoch}: loss term {name!r} is {value}")
+
+
+def check_weights_finite(modules: dict[str, torch.nn.Module], epoch: int) -> None:
+    """Once per epoch: a NaN/inf parameter or float buffer (e.g. BatchNorm statistics) stops the run."""
+    for module_name, module in modules.items():
+        tensors = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if b.is_floating_point())]
+        for name, tensor in tensors:
+            # a float64 sum carries any NaN/inf and cannot overflow from finite float32 values;
+            # 2x faster than isfinite().all() (preact-resnet18: ~90 ms per epoch on one CPU thread)
+            if not math.isfinite(float(tensor.detach().sum(dtype=torch.float64))):
+                raise TrainingDiverged(f"training diverged at epoch {epoch}: weight {module_name}.{name} "
+                                       f"holds NaN/inf")
+
+
+def read_history(path: Path, epochs: int) -> list[dict]:
+    """The first ``epochs`` lines of metrics.jsonl; a last line cut by a crash is dropped with a warning."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    history = []
+    for i, line in enumerate(lines[:epochs]):
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise CheckpointError(f"corrupt {path}: line {i + 1} is not JSON") from None
+            log.warning("%s: dropping its last line, cut by an interrupted write", path)
+    return history
+
+
+def append_line(path: Path, record: dict) -> None:
+    """Append one whole JSON line and fsync it: a crash leaves at most a cut last line, which
+    ``read_history`` drops."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def mark_diverged(out_dir: Path, reason: str) -> None:
+    """Record the reason in config.json (if an earlier epoch wrote one); ``finished`` stays false."""
+    if (out_dir / CONFIG).is_file():
+        config = read_config(out_dir)
+        config.update(finished=False, diverged=reason)
+        atomic_write_json(out_dir / CONFIG, config)
 
 
 def _comparable(train: dict) -> dict:
@@ -185,13 +228,15 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
         attack_gen.set_state(state["attack_rng"].to("cpu") if device.type == "cpu" else state["attack_rng"].cpu())
         start_epoch, best = int(state["epoch"]), dict(state["best"])
         best_key = (best.get(select, -1.0), best.get("val_clean_acc", -1.0))
-        history = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()[:start_epoch]] \
-            if (out_dir / METRICS_FILE).is_file() else []
+        history = read_history(out_dir / METRICS_FILE, start_epoch)
         log.info("resuming %s at epoch %d/%d", cfg.method, start_epoch + 1, cfg.epochs)
     elif cfg.init_from:
         warm_start(method, cfg.init_from, splits.info.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output directory {out_dir}: {exc.strerror or exc}") from None
+    atomic_write_bytes(out_dir / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in history).encode())
 
     resumed_at = start_epoch
     if progress is not None:
@@ -200,7 +245,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
     stopped_early = False
     n_params = sum(p.numel() for m in method.modules().values() for p in m.parameters())
     shards = auto_shards(cfg.attack_shards, torch.get_num_threads(), device, n_params)
-    with cpu_threads_as_shards(shards):  # raydefense.attacks.shards
+    with cpu_threads_as_shards(shards), _diverged_marked(out_dir):  # raydefense.attacks.shards
         for epoch in range(start_epoch, cfg.epochs):
             method.epoch = epoch
             tic = time.perf_counter()
@@ -219,6 +264,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
                     step_metrics = method.train_step(to_memory_format(xb, cfg), train_y[idx])
                 if data_parallel is not None:
                     step_metrics = data_parallel.average(step_metrics)
+                check_step_finite(step_metrics, epoch + 1)
                 for k, v in step_metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 for sch in schedulers.values():
@@ -226,6 +272,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
                 if progress is not None:
                     progress.advance(1, step_metrics)
             train_time = time.perf_counter() - tic
+            check_weights_finite(method.modules(), epoch + 1)
 
             model = method.inference_module()
             for m in method.modules().values():
@@ -246,13 +293,12 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
                                 module_states(method.modules()))
             else:
                 stale += 1
+            append_line(out_dir / METRICS_FILE, metrics)  # before trainer_state: a resume slices extra lines off
             atomic_torch_save(out_dir / TRAINER_STATE, {
                 "modules": module_states(method.modules()),
                 "optimizers": {k: o.state_dict() for k, o in method.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
                 "attack_rng": attack_gen.get_state(), "epoch": epoch + 1, "best": best})
-            with open(out_dir / METRICS_FILE, "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
             if cfg.patience and stale >= cfg.patience:
@@ -265,8 +311,19 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
 
     config = read_config(out_dir)
     config.update(finished=True, best=best, epochs_run=len(history), stopped_early=stopped_early)
+    config.pop("diverged", None)  # an earlier attempt diverged; this one got through
     atomic_write_json(out_dir / CONFIG, config)
     return FitResult(out_dir, best, history, stopped_early, resumed_at)
+
+
+@contextmanager
+def _diverged_marked(out_dir: Path) -> Iterator[None]:
+    """On divergence, note it in config.json and re-raise: nothing of the diverged epoch is saved."""
+    try:
+        yield
+    except TrainingDiverged as exc:
+        mark_diverged(out_dir, str(exc))
+        raise
 
 
 def _epochs_since_best(history: list[dict], select: str) -> int:

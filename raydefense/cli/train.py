@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,26 @@ def load_config_file(path: Path) -> dict:
         raise UserError(f"config file {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "train" in data and "kind" in data:  # a checkpoint's config.json
         data = data["train"]
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a JSON object of options, not a {type(data).__name__}")
+    if not isinstance(data.get("options", {}), dict):
+        raise UserError(f"config file {path}: 'options' must be a JSON object of method options, "
+                        f"not a {type(data['options']).__name__}")
     return data
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be a directory, or creatable as one: checked before anything trains, and
+    without creating it (bad input leaves nothing behind)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a directory")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create --out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create or write --out {out}: no write permission on {existing}")
 
 
 def make_train_config(method: str, overrides: dict, assignments: list[str], config_file: Optional[Path],
@@ -67,8 +87,9 @@ def train(
 
     cfg = make_train_config(method, overrides or {}, set_, config, preset)
     out = out or Path("runs") / f"{cfg.method}-{cfg.dataset}-s{cfg.seed}"
-    if fresh and out.exists():
+    if fresh and out.is_dir():
         shutil.rmtree(out)
+    check_out_dir(out)
     with make_progress() as progress:
         result = fit(cfg, out, progress=RichFitProgress(progress))
     best = {k: v for k, v in result.best.items() if k.startswith("val_") or k == "epoch"}

@@ -86,6 +86,8 @@ def evaluate_checkpoint(ckpt_dir: str | Path, attacks: str | list[str] = DEFAULT
     chosen = resolve_attacks(attacks, aa_version, surrogate_model, str(surrogate) if surrogate else "surrogate")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     model = load_model(ckpt_dir, dev)
     name, stored_dir = checkpoint_dataset(config)
     splits = load_splits(name, data_dir or stored_dir)

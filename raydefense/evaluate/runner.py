@@ -151,8 +151,15 @@ class ShardCache:
         p = self.path(attack, start, stop, key)
         if p is None or not p.exists():
             return None
-        data = json.loads(p.read_text())
-        return torch.tensor(data["correct"], dtype=torch.bool), float(data["seconds"])
+        try:
+            data = json.loads(p.read_text())
+            correct, seconds = torch.tensor(data["correct"], dtype=torch.bool), float(data["seconds"])
+            if correct.shape != (stop - start,):
+                raise ValueError(f"{len(correct)} results for {stop - start} samples")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.warning("ignoring the corrupt cache entry %s (%s); recomputing it", p, exc)
+            return None
+        return correct, seconds
 
     def put(self, attack: str, start: int, stop: int, key: str, correct: torch.Tensor, seconds: float) -> None:
         from raydefense.checkpoint import atomic_write_bytes
