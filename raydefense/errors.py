@@ -9,3 +9,10 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint directory is missing, incomplete, corrupt or unsafe to load."""
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C) whose finished work is kept; the message says what is unfinished.
+    The CLI prints its interrupted line with it and exits 130, as for a plain KeyboardInterrupt."""
+
+    exit_code = 130
