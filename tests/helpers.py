@@ -46,7 +46,8 @@ def interrupt_at(cmd: list[str], point: str, hold_dir: Path, stop_timeout: float
     hold_dir.mkdir(parents=True, exist_ok=True)
     log = hold_dir / "output.log"  # a file, not a pipe: a pipe nobody reads while we wait can fill and block the run
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=hold_env(point, hold_dir))
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=hold_env(point, hold_dir),
+                                preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         wait_for(lambda: (hold_dir / f"{point}.held").exists() or proc.poll() is not None, 600,
                  f"the run to reach {point!r}", poll=0.1)
@@ -67,6 +68,12 @@ def hold_env(point: str, hold_dir: Path) -> dict[str, str]:
     from raydefense.hold import DIR_ENV, POINT_ENV
 
     return {**unbuffered_env(), POINT_ENV: point, DIR_ENV: str(hold_dir)}
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before it starts: SIGINT back to its default. A test run started in the background
+    (``pytest ... &`` from a script) ignores SIGINT, and Python then leaves it ignored in the CLI."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _sigint_pending(pid: int) -> bool:
