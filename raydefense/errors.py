@@ -18,3 +18,10 @@ class TrainingDiverged(UserError):
     fine and it was training that failed (the settings, e.g. a too large lr, are the usual cause)."""
 
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C) whose finished work is kept; the message says what is unfinished.
+    The CLI prints its interrupted line with it and exits 130, as for a plain KeyboardInterrupt."""
+
+    exit_code = 130

@@ -18,7 +18,7 @@ from typing import Any
 
 from raydefense.config import PLACEMENT_FIELDS, TrainConfig
 from raydefense.data import Splits, format_eps
-from raydefense.distributed.experiment import ExperimentSpec, Resources, run_experiment, storage_uri
+from raydefense.distributed.experiment import ExperimentSpec, Resources, run_experiment, storage_uri, trial_configs
 from raydefense.report import write_parquet
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,7 @@ def collect(grid, req: SweepRequest, splits: Splits) -> SweepOutcome:
     unit = req.eps_unit if req.eps_unit is not None else info.eps_unit
     rows, errors, unfinished = [], [], 0
     extractors = Path(req.out) / "extractors"
-    for result in grid:
-        cfg = result.config
+    for result, cfg in zip(grid, trial_configs(grid)):
         budget, seed = cfg["point"]["budget"], cfg["train.seed"]
         m = result.metrics or {}
         row = {"budget": budget, "eps": budget * unit, "eps_label": format_eps(budget * unit), "seed": seed,

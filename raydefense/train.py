@@ -36,6 +36,7 @@ from raydefense.data import Splits, load_splits
 from raydefense.device import resolve_device
 from raydefense.errors import CheckpointError, TrainingDiverged, UserError
 from raydefense.fast import GradScalerStep, autocast, prepare_modules, to_memory_format, validate_fast_paths
+from raydefense.hold import hold
 from raydefense.methods import Method, MethodContext, build_method
 from raydefense.provenance import provenance
 from raydefense.warm_start import warm_start
@@ -301,6 +302,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, *, splits: Splits | None = None, 
                 "attack_rng": attack_gen.get_state(), "epoch": epoch + 1, "best": best})
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
+            hold("epoch")  # inert outside tests (raydefense/hold.py)
             if cfg.patience and stale >= cfg.patience:
                 stopped_early = True
             if reporter is not None:

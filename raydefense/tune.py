@@ -34,7 +34,8 @@ import torch
 
 from raydefense.config import PLACEMENT_FIELDS, TrainConfig
 from raydefense.data import Splits
-from raydefense.distributed.experiment import ExperimentSpec, Resources, run_experiment, storage_uri
+from raydefense.distributed.experiment import (ExperimentSpec, Resources, check_storage, run_experiment, storage_uri,
+                                               trial_configs)
 from raydefense.distributed.trial import merged_train_config
 from raydefense.errors import UserError
 from raydefense.report import write_parquet
@@ -91,6 +92,7 @@ class TuneRequest:
         if sched == "asha" and self.grace_period > self.train.epochs:
             raise UserError(f"--grace-period ({self.grace_period}) exceeds --epochs ({self.train.epochs})")
         self.resources.validate()
+        check_storage(self.storage)  # before Ray starts, as `sweep afs` checks it
 
     @property
     def scheduler_name(self) -> str:
@@ -192,9 +194,9 @@ def trial_rows(grid, req: TuneRequest) -> tuple[list[dict], list]:
 
     select = getattr(get_method_class(req.method), "selection_metric", "val_robust_acc")
     rows, results = [], []
-    for result, tune_status in zip(grid, _statuses(grid)):
+    for result, config, tune_status in zip(grid, trial_configs(grid), _statuses(grid)):
         m = result.metrics or {}
-        searched = req.space.searched(result.config)
+        searched = req.space.searched(config)
         done = bool(m.get("done_training"))
         history = _history(result)
         epochs = int(m.get("epochs_run", 0) if done else m.get("epoch", 0))

@@ -13,6 +13,8 @@ def read_yaml(path: str | Path, what: str) -> Any:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a YAML file")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
     try:

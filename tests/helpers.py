@@ -37,23 +37,54 @@ def unbuffered_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def interrupt_after_first_checkpoint(cmd: list[str], out: Path, stop_timeout: float) -> tuple[int, str]:
-    """Start a CLI run, Ctrl-C it once Tune has committed a trial's first checkpoint under ``out/tune``;
-    return its exit code and output. The deadline is generous: it returns as soon as that holds.
+def interrupt_at(cmd: list[str], point: str, hold_dir: Path, stop_timeout: float) -> tuple[int, str]:
+    """Run a CLI command held at ``point`` (raydefense/hold.py), Ctrl-C it there, then let it go; return
+    its exit code and output (stdout and stderr together).
 
-    A checkpoint folder on disk is not yet a committed checkpoint: the trial writes it before the driver
-    registers it, and a Ctrl-C in between resumes the trial from scratch. Tune holds a trial's next
-    training step until its checkpoint is registered, so a second result line proves the first one is."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=unbuffered_env())
+    The run cannot get past the point until the test lets it go, and the test does so only once the
+    SIGINT has been delivered, so the interrupt lands there on any machine, however fast or loaded."""
+    hold_dir.mkdir(parents=True, exist_ok=True)
+    log = hold_dir / "output.log"  # a file, not a pipe: a pipe nobody reads while we wait can fill and block the run
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=hold_env(point, hold_dir),
+                                preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
-        wait_for(lambda: any(len(lines) >= 2 for lines in read_results(out / "tune").values()),
-                 600, "a first committed checkpoint")
+        wait_for(lambda: (hold_dir / f"{point}.held").exists() or proc.poll() is not None, 600,
+                 f"the run to reach {point!r}", poll=0.1)
+        assert proc.poll() is None, f"the run ended before reaching {point!r}:\n{log.read_text()[-3000:]}"
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=stop_timeout)
+        wait_for(lambda: not _sigint_pending(proc.pid), 60, "the SIGINT to be delivered", poll=0.02)
+        (hold_dir / f"{point}.go").touch()
+        proc.wait(timeout=stop_timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, output
+            proc.wait()
+    return proc.returncode, log.read_text()
+
+
+def hold_env(point: str, hold_dir: Path) -> dict[str, str]:
+    """The environment of a CLI subprocess that stops at ``point`` until the test lets it go."""
+    from raydefense.hold import DIR_ENV, POINT_ENV
+
+    return {**unbuffered_env(), POINT_ENV: point, DIR_ENV: str(hold_dir)}
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before it starts: SIGINT back to its default. A test run started in the background
+    (``pytest ... &`` from a script) ignores SIGINT, and Python then leaves it ignored in the CLI."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _sigint_pending(pid: int) -> bool:
+    """Whether a SIGINT sent to ``pid`` still waits to be delivered (Linux: /proc/PID/status). Once it is
+    delivered, Python has noted it and runs its handler before the main thread does anything else."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:  # the process has ended
+        return False
+    bit = 1 << (signal.SIGINT - 1)
+    return any(int(line.split()[1], 16) & bit for line in status.splitlines() if line.startswith(("SigPnd", "ShdPnd")))
 
 
 def read_results(tune_dir: Path) -> dict[str, list[dict]]:

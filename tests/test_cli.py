@@ -6,7 +6,9 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import run_cli
+from helpers import interrupt_at, run_cli, unbuffered_env
+
+from raydefense.cli import INTERRUPTED
 
 
 
@@ -53,6 +55,9 @@ def test_train_accepts_method_options_and_config_file(tmp_path):
     (["sweep", "afs", "--address", "127.0.0.1:1"], "no Ray cluster at 127.0.0.1:1"),
     (["stack", "afs", "/nonexistent/sweep"], "holds no sweep.parquet"),
     (["stack", "afs", "/nonexistent/sweep", "--alpha", "2"], "must lie in [0, 1]"),
+    (["evaluate", "{ckpt}", "--split", "train"], "--split must be test or val, got 'train'"),
+    (["cluster", "check", "{ckpt}"], "is a directory, not a YAML file"),
+    (["tune", "trades", "--space", "{ckpt}"], "is a directory, not a YAML file"),
     (["train", "pgd-at", "--no-such-option"], "No such option: --no-such-option"),  # typer's own usage errors
     (["evaluate"], "Missing argument"),
     (["no-such-command"], "No such command"),
@@ -63,6 +68,37 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, natural_ckpt, args
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+@pytest.mark.parametrize("command", [["tune", "trades"], ["sweep", "afs"]])
+def test_unknown_storage_scheme_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch, command):
+    import raydefense.distributed.cluster as cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cluster, "ray_cluster", no_ray)
+    assert run_cli(*command, "--storage", "ftp://x", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --storage 'ftp://x': unknown scheme ftp://") and "\n" not in err, err
+
+
+def test_ctrl_c_says_finished_work_is_kept_and_the_same_command_resumes(tmp_path):
+    """Through the real entry point: Ctrl-C after the first epoch exits 130 with the promised line; the
+    same command then finishes the run without training that epoch again."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "raydefense", "train", "natural", "--epochs", "2", "--val-attack-steps", "1",
+           "--out", str(out)]
+    code, output = interrupt_at(cmd, "epoch", tmp_path / "hold", stop_timeout=60)
+    assert code == 130, output[-3000:]
+    assert INTERRUPTED in output.splitlines() and "Traceback" not in output, output[-3000:]
+    assert not json.loads((out / "config.json").read_text())["finished"]  # nothing looks complete
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=unbuffered_env(), timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["finished"]
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
 
 
 def test_corrupt_config_json_via_the_real_entry_point(tmp_path):

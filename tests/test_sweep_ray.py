@@ -15,7 +15,8 @@ from raydefense import load_model
 from raydefense.config import TrainConfig
 from raydefense.distributed.experiment import Resources
 from raydefense.sweep import SWEEP_COLUMNS, SweepRequest, run_afs_sweep
-from helpers import interrupt_after_first_checkpoint, unbuffered_env
+from raydefense.cli import INTERRUPTED
+from helpers import interrupt_at, read_results, unbuffered_env
 
 pytestmark = pytest.mark.ray
 TINY = dict(epochs=1, attack_steps=2, val_attack_steps=2)
@@ -48,22 +49,26 @@ def test_two_budget_sweep_with_fractional_gpus(ray_session, digits, tmp_path):
 
 
 def test_interrupted_sweep_resumes_from_checkpoints(ray_session, tmp_path):
-    """Ctrl-C mid-sweep, run the same command again: trials continue from their checkpoints."""
+    """Ctrl-C mid-sweep while one trial is still pending, run the same command again: trials continue
+    from their checkpoints and the pending one runs."""
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "raydefense", "sweep", "afs", "--budgets", "0,3", "--epochs", "4",
+    cmd = [sys.executable, "-m", "raydefense", "sweep", "afs", "--budgets", "0,3,6", "--epochs", "3",
            "--attack-steps", "2", "--val-attack-steps", "2", "--out", str(out), "--address", address]
-    returncode, first_output = interrupt_after_first_checkpoint(cmd, out, stop_timeout=300)
-    assert returncode == 130, first_output[-2000:]
+    # held once Tune has registered a trial's first checkpoint: the 2 CPUs run two trials, the third waits
+    returncode, first_output = interrupt_at(cmd, "checkpoint", tmp_path / "hold", stop_timeout=300)
+    assert returncode == 130, first_output[-3000:]
+    assert INTERRUPTED in first_output and "Traceback" not in first_output, first_output[-3000:]
     assert not (out / "sweep.parquet").exists()  # no table that looks complete
+    assert sum(bool(lines) for lines in read_results(out / "tune").values()) < 3  # a trial had not started
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=unbuffered_env(), timeout=900)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     rows = pq.read_table(out / "sweep.parquet").to_pylist()
-    assert [r["budget"] for r in rows] == [0, 3] and all(r["status"] == "ok" for r in rows)
+    assert [r["budget"] for r in rows] == [0, 3, 6] and all(r["status"] == "ok" for r in rows)
     finals = [json.loads(p.read_text().splitlines()[-1]) for p in (out / "tune").glob("*/result.json")]
-    assert len(finals) == 2 and all(f["done_training"] and f["epochs_run"] == 4 for f in finals)
-    assert max(f["resumed_from_epoch"] for f in finals) >= 1  # at least one trial did not start over
+    assert len(finals) == 3 and all(f["done_training"] and f["epochs_run"] == 3 for f in finals)
+    assert max(f["resumed_from_epoch"] for f in finals) >= 1  # the held trial did not start over
 
 
 def test_changed_request_is_refused(ray_session, digits, tmp_path):

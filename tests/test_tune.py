@@ -16,7 +16,8 @@ from raydefense.config import TrainConfig
 from raydefense.errors import UserError
 from raydefense.search_space import SPACES_DIR, load_search_space, parse_search_space
 from raydefense.tune import MaskingCheck, TuneRequest, pareto_front, run_tune, study_name
-from helpers import interrupt_after_first_checkpoint, unbuffered_env
+from raydefense.cli import INTERRUPTED
+from helpers import interrupt_at, unbuffered_env
 
 TINY = dict(attack_steps=2, val_attack_steps=2)
 NO_MASKING = MaskingCheck(top_k=2, threshold=1.0, n=32, steps=3, restarts=1)
@@ -186,8 +187,10 @@ def test_interrupted_search_resumes_and_study_stays_consistent(ray_session, tmp_
     cmd = [sys.executable, "-m", "raydefense", "tune", "trades", "--samples", "3", "--epochs", "3",
            "--grace-period", "1", "--attack-steps", "2", "--val-attack-steps", "2", "--masking-n", "32",
            "--masking-threshold", "1", "--out", str(out), "--address", address]
-    returncode, first_output = interrupt_after_first_checkpoint(cmd, out, stop_timeout=120)
+    # held once Tune has registered a trial's first checkpoint: the search cannot finish before the Ctrl-C
+    returncode, first_output = interrupt_at(cmd, "checkpoint", tmp_path / "hold", stop_timeout=120)
     assert returncode == 130, first_output[-3000:]
+    assert INTERRUPTED in first_output and "Traceback" not in first_output, first_output[-3000:]
     assert "created in memory" not in first_output  # Optuna's note about Tune's internal study misleads
     assert not (out / "trials.parquet").exists() and not (out / "best.json").exists()
     name = "raydefense-trades-tradeoff"

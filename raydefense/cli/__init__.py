@@ -11,7 +11,7 @@ import sys
 import click
 import typer
 
-from raydefense.errors import UserError
+from raydefense.errors import Interrupted, UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train, search, stack and honestly evaluate adversarially robust models on Ray.")
@@ -38,6 +38,8 @@ _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)
 _USAGE = (click.ClickException, typer.exceptions.TyperException)
 
+INTERRUPTED = "interrupted: finished work is kept; run the same command again to resume"
+
 
 def _usage_line(exc: Exception) -> str:
     """One line for a usage error: the message and where to read the options."""
@@ -57,14 +59,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except _ABORT:
-        click.echo("interrupted", err=True)
+    except Interrupted as exc:  # Tune caught the Ctrl-C and stopped its trials; the command says what is left
+        click.echo(f"{INTERRUPTED} ({exc})", err=True)
+        sys.exit(exc.exit_code)
+    except (*_ABORT, KeyboardInterrupt):  # Ctrl-C outside typer's own catch, or click's Abort (nothing here prompts)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except _USAGE as exc:
         click.echo(_usage_line(exc), err=True)
         sys.exit(getattr(exc, "exit_code", 2) or 2)
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
-        sys.exit(130)
+    if code == 130:  # typer turns a Ctrl-C into a silent Exit(130), which it returns here
+        click.echo(INTERRUPTED, err=True)
     if isinstance(code, int) and code:  # without standalone mode, click returns Exit's code instead of raising
         sys.exit(code)

@@ -12,6 +12,8 @@ from raydefense.cli import app
 from raydefense.errors import UserError
 from raydefense.names import DEFAULT_ATTACKS, EVAL_COLUMNS
 
+EVAL_SPLITS = ("test", "val")  # never train: accuracy on the training data says nothing about robustness
+
 
 def _parse_list(text: str | None, kind: str) -> list[float] | bool | None:
     """'' / None -> off, 'default' -> the default grid, else a comma list of eps values or steps."""
@@ -51,7 +53,7 @@ def evaluate(
     probes: bool = typer.Option(True, help="run the cheap PGD probes behind the eps and steps flags"),
     cache: bool = typer.Option(True, help="keep per-attack per-shard results in OUT/eval_cache to resume"),
     out: Optional[Path] = typer.Option(None, help="where eval.parquet and report.md go [default: CHECKPOINT]"),
-    split: str = typer.Option("test", help="test (default) or val"),
+    split: str = typer.Option("test", help=f"{EVAL_SPLITS[0]} (default) or {EVAL_SPLITS[1]}"),
     batch_size: int = typer.Option(256),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
@@ -64,6 +66,8 @@ def evaluate(
     from raydefense.evaluate import evaluate_checkpoint, resolve_attacks
     from raydefense.report import rich_table
 
+    if split not in EVAL_SPLITS:
+        raise UserError(f"--split must be {' or '.join(EVAL_SPLITS)}, got {split!r}")
     read_config(checkpoint)  # bad input fails before any progress display
     if surrogate is not None:
         read_config(surrogate)

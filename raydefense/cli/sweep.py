@@ -13,7 +13,7 @@ from rich.markup import escape
 from raydefense.cli import app
 from raydefense.cli.options import dataclass_options
 from raydefense.config import PLACEMENT_FIELDS, TrainConfig, build_dataclass
-from raydefense.errors import UserError
+from raydefense.errors import Interrupted, UserError
 
 sweep_app = typer.Typer(no_args_is_help=True, help="Train many models in parallel on Ray Tune.")
 app.add_typer(sweep_app, name="sweep")
@@ -90,9 +90,7 @@ def sweep_afs(
         console.print(f"[red]{len(outcome.errors)} trial(s) failed after {max_failures} retries:[/]\n  "
                       + "\n  ".join(escape(e) for e in outcome.errors))
     if outcome.unfinished:
-        console.print(f"[yellow]interrupted: {outcome.unfinished} trial(s) unfinished; run the same command "
-                      "again to resume from their checkpoints[/]")
-        sys.exit(130)
+        raise Interrupted(f"{outcome.unfinished} trial(s) unfinished")
     table = mean_by_budget(outcome.rows)
     if table:  # else every trial failed: the errors above say why
         console.print(rich_table(table, ["budget", "eps", "seeds", "clean_acc", "pgd10_acc", "pgd20_acc", "delta_z"],

@@ -54,7 +54,7 @@ def tune(
     from raydefense.data import load_splits
     from raydefense.distributed.cluster import ray_cluster
     from raydefense.distributed.experiment import Resources
-    from raydefense.errors import UserError
+    from raydefense.errors import Interrupted, UserError
     from raydefense.methods import get_method_class
     from raydefense.report import rich_table
     from raydefense.search_space import load_search_space, space_path
@@ -89,9 +89,7 @@ def tune(
 
     console.print(f"Optuna study: optuna-dashboard {outcome.study}")
     if outcome.unfinished:
-        console.print(f"[yellow]interrupted: {outcome.unfinished} trial(s) unfinished; run the same command "
-                      "again to resume[/]")
-        sys.exit(130)
+        raise Interrupted(f"{outcome.unfinished} trial(s) unfinished")
     short = {d.key: d.key.split(".", 1)[1] for d in search.dims}
     cols = ["trial_no", "status", *short.values(), "epochs_run", "val_clean_acc", "val_robust_acc", "val_tradeoff",
             "masking_gap"]
