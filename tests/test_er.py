@@ -43,8 +43,8 @@ class _RegularizationOnly(ERMinus):
 
 
 def _regularize(digits, encoder_lr, steps=30):
-    torch.manual_seed(0)
-    cfg = TrainConfig(method="er-", options={"encoder_lr": encoder_lr})
+    torch.manual_seed(0)  # the regularizer's own Adam: its strength is encoder_lr, not lam
+    cfg = TrainConfig(method="er-", options={"encoder_lr": encoder_lr, "reg_step": "separate"})
     m = _RegularizationOnly(MethodContext(cfg, digits.info, torch.device("cpu")))
     m.optimizers = m.configure_optimizers()
     with torch.no_grad():
@@ -66,6 +66,46 @@ def test_wasserstein_estimate_falls_in_a_short_run(digits):
     assert frozen["val_sliced_w"] > 0.9 * before["val_sliced_w"]
     # the critic's own estimate: it keeps finding a gap against the frozen encoder, not against the regularized one
     assert after["val_critic_w"] < 0.5 * frozen["val_critic_w"]
+
+
+def _encoder_after_one_step(digits, lam, **options):
+    m = _method(digits, "er", lam=lam, **options)
+    x, y = digits.train.tensors()
+    m.train_step(x[:64], y[:64])
+    return torch.cat([p.detach().flatten() for p in m.net.encoder.parameters()])
+
+
+@pytest.mark.parametrize("reg_step", ["joint", "shared"])
+def test_lambda_scales_the_encoder_regularisation(digits, reg_step):
+    """With one optimizer state for the encoder's CE and regularisation, lambda is the weight of
+    the regulariser: the encoder's update is affine in lambda (same critic for every lambda > 0:
+    its Adam step is scale-invariant). The old separate Adam moved the encoder the same for any lambda."""
+    e = {lam: _encoder_after_one_step(digits, lam, reg_step=reg_step) for lam in (0.01, 1.0, 10.0)}
+    small, large = (e[1.0] - e[0.01]).norm(), (e[10.0] - e[1.0]).norm()
+    assert small > 0
+    assert 6 < float(large / small) < 12, (float(small), float(large))  # affine: ratio 9 / 0.99
+
+
+def test_er_loss_adv_only_is_the_papers_min_max(digits):
+    x, y = digits.train.tensors()
+    x, y = x[:32], y[:32]
+    x_adv = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    losses = {}
+    for kind in ("mean", "adv"):
+        m = _method(digits, "er", er_loss=kind)
+        with torch.no_grad():  # non-zero logits (the output layer starts at 0)
+            m.net.classifier[-1].weight.normal_(0, 0.5)
+        m.adversarial_examples = lambda xx, yy: x_adv  # a fixed "attack": compare the losses exactly
+        loss, inputs, _ = m.classification_loss(x, y)
+        with torch.no_grad():
+            ce_clean = nn.functional.cross_entropy(m.net(x), y)
+            ce_adv = nn.functional.cross_entropy(m.net(x_adv), y)
+        losses[kind] = (float(loss.detach()), float(ce_clean), float(ce_adv))
+        assert len(inputs) == 64  # both kinds regularize clean and adversarial codes
+    loss, ce_clean, ce_adv = losses["adv"]
+    assert loss == pytest.approx(ce_adv, rel=1e-5) and ce_adv != pytest.approx(ce_clean, rel=1e-3)
+    loss, ce_clean, ce_adv = losses["mean"]
+    assert loss == pytest.approx((ce_clean + ce_adv) / 2, rel=1e-5)
 
 
 def test_kde_scores_training_codes_highest_under_their_own_class():

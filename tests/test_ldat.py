@@ -64,6 +64,74 @@ def test_algorithm1_radius_grows_when_correct_shrinks_when_fooled_and_final_delt
     assert (norms <= 0.3 + 1e-5).all() and (xa >= 0).all() and (xa <= 1).all()  # ...the output did not
 
 
+def _saturated_gm_model() -> nn.Module:
+    """Inputs x100 (normalisation std 0.01) -> GM head with centroids 100 * e_k: a one-hot input
+    sits on its centroid with a logit gap of 10^4, far above float32 softmax's ~100, so its CE
+    input gradient is exactly 0 (a saturated head, as when trained centroids grow apart)."""
+    from raydefense.models import Classifier
+
+    class Flat(nn.Module):
+        out_dim = 64
+
+        def forward(self, x):
+            return x.flatten(1)
+
+    torch.manual_seed(0)
+    head = GaussianMixtureHead(64, 10)
+    with torch.no_grad():
+        head.means.copy_(torch.eye(10, 64) * 100.0)
+    info = type("Info", (), {"mean": (0.0,), "std": (0.01,)})()
+    return Classifier(Flat(), head, info)
+
+
+def test_algorithm1_moves_saturated_samples_instead_of_returning_zero_delta():
+    model = _saturated_gm_model()
+    y = torch.arange(10)
+    x = torch.eye(10, 64).view(10, 1, 8, 8)  # each sample on its own centroid
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(xr), y, reduction="sum"), xr)
+    assert float(g.abs().max()) == 0.0  # precondition: CE saturated
+    x_adv = boundary_attack(model, x, y, budget=2.0, steps=5, gamma=0.2, eps_init=1.0)
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert (norms > 0.5).all(), norms  # the old walk returned delta = 0 for every sample
+    _, stats = boundary_attack(model, x, y, budget=2.0, steps=5, return_stats=True)
+    assert stats["zero_delta"] == 0.0 and stats["margin_fallback"] > 0
+    # a constant model has no gradient at all: the walk still moves, in a random direction
+    const = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        const[1].weight.zero_()
+    xa, st = boundary_attack(const, torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), budget=1.0,
+                             steps=2, generator=torch.Generator().manual_seed(0), return_stats=True)
+    assert st["random_fallback"] == 1.0 and st["zero_delta"] == 0.0
+
+
+def test_ldat_default_config_trains_on_digits_with_finite_loss_and_live_features(digits):
+    """TrainConfig's defaults (SGD lr 0.1, 10-step attack): without the gradient clip every ReLU
+    feature died within the first epoch (constant 11.7 % model) or the loss went NaN."""
+    cfg = TrainConfig(method="ldat", eps_warmup_epochs=0)
+    torch.manual_seed(0)
+    m = build_method(MethodContext(cfg, digits.info, torch.device("cpu"), generator=torch.Generator().manual_seed(0)))
+    m.optimizers = m.configure_optimizers()
+    x, y = digits.train.tensors()
+    outs = [m.train_step(x[i:i + 128], y[i:i + 128]) for i in range(0, 128 * 8, 128)]
+    assert all(math.isfinite(o["loss"]) for o in outs), [o["loss"] for o in outs]
+    assert all(o["loss"] < 1e3 for o in outs), [o["loss"] for o in outs]
+    vx, vy = digits.val.tensors()
+    with torch.no_grad():
+        f = m.model.features(vx)
+        acc = float((m.model(vx).argmax(1) == vy).float().mean())
+    assert (f.abs().sum(1) > 0).float().mean() > 0.9  # features alive
+    assert acc > 0.3, acc
+    assert outs[-1]["adv_l2"] > 0 and outs[-1]["zero_delta"] < 0.5
+
+
+def test_l2_budgets_follow_the_training_eps(digits):
+    m = build_method(MethodContext(TrainConfig(method="ldat", eps=3 / 16), digits.info, torch.device("cpu")))
+    scale = (3 / 16) / (8 / 255) * (64 / 3072) ** 0.5
+    assert m.l2_budget == pytest.approx(1.5 * scale) and m.eps_init == pytest.approx(scale)
+    assert m.l2_budget == pytest.approx(1.29, abs=0.01)  # docs/ldat.md's figure at 3/16
+
+
 def _ldat(digits, **options):
     cfg = TrainConfig(method="ldat", lr=0.01, attack_steps=3, epochs=5, eps_warmup_epochs=0, options=options)
     torch.manual_seed(0)
@@ -77,7 +145,7 @@ def test_likelihood_term_pulls_features_to_their_centroid(digits):
     xb, yb = x[:128], y[:128]
 
     def dist_after(lambda_init):
-        m = _ldat(digits, lambda_init=lambda_init, lambda_schedule="constant")
+        m = _ldat(digits, lambda_init=lambda_init, lambda_schedule="constant", max_grad_norm=0)  # the loss alone
         for _ in range(15):
             m.train_step(xb, yb)
         with torch.no_grad():

@@ -289,7 +289,8 @@ def reject_checkpoint(ckpt_dir: str | Path, attacks: str | list[str] = DEFAULT_R
     """Evaluate any checkpoint with max-softmax rejection; writes ``reject.parquet``.
 
     Budgets default to the dataset's standard L-inf eps and the paper's L2 budget (0.5 on
-    CIFAR-10) scaled to the dataset like LDAT's training budget (``methods.ldat.l2_scale``).
+    CIFAR-10) scaled to the dataset and to the L-inf eps like LDAT's training budget
+    (``methods.ldat.l2_scale``).
     """
     from raydefense.checkpoint import load_model, read_config
     from raydefense.data import load_splits
@@ -314,7 +315,7 @@ def reject_checkpoint(ckpt_dir: str | Path, attacks: str | list[str] = DEFAULT_R
     if n is not None:
         x, y = x[:n], y[:n]
     linf_eps = splits.info.standard_eps if linf_eps is None else linf_eps
-    l2_eps = default_l2_eval_eps(splits.info) if l2_eps is None else l2_eps
+    l2_eps = default_l2_eval_eps(splits.info, linf_eps) if l2_eps is None else l2_eps
     if linf_eps < 0 or l2_eps < 0:
         raise UserError("eps must be >= 0")
     rows, _ = evaluate_rejection(model, x.to(dev), y.to(dev), chosen, linf_eps, l2_eps, threshold,

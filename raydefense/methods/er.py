@@ -5,9 +5,18 @@ Three updates per batch (METHODS.md, section er; Algorithm 1 of the paper):
 
 1. the critic D ascends ``lambda * (mean D(z_prior) - mean D(Q(x)))``, then its weights are
    clipped to +-``clip`` (WGAN);
-2. encoder Q and classifier C descend the classification loss (CE on clean and adversarial codes
-   for ``er``, plain CE for ``er-``, TRADES for ``er-trades``);
-3. Q ascends ``lambda * mean D(Q(x))`` with its own Adam optimizer.
+2. encoder Q and classifier C descend the classification loss (``er``: by default the mean of
+   clean and adversarial CE, as the authors' code; ``er_loss=adv`` the paper's adversarial-only
+   min-max; plain CE for ``er-``, TRADES for ``er-trades``);
+3. Q ascends ``lambda * mean D(Q(x))``.
+
+How step 3 is taken (``reg_step``): ``joint`` (default) folds it into step 2 as one step of the
+main optimizer on ``CE - lambda * mean D(Q(x))`` (the critic already updated, its gradient
+discarded), so Q's CE and regularisation share one optimizer state and lambda is their relative
+weight; ``shared`` is the authors' order: a second step of the same optimizer (state shared, so its
+momentum and weight decay act twice per batch); ``separate`` gives Q its own Adam (``encoder_lr``),
+which is invariant to the scale of its loss: lambda is then inert (measured: lambda 0.01 and 10
+moved the encoder the same), kept only to compare with earlier runs.
 
 The codes that the critic sees (steps 1 and 3) are those of every input of step 2: clean and
 adversarial for ``er`` and ``er-trades``, clean for ``er-`` (Algorithm 1 regularizes the
@@ -38,7 +47,9 @@ class EROptions:
     code_dim: Optional[int] = None  # None: 16 colour, 4 for 28x28 grey, 8 for 8x8 digits
     lam: float = 1.0  # lambda: weight of the embedding regularization (critic and encoder steps)
     critic_lr: float = 5e-4  # Adam, betas (0.5, 0.999)
-    encoder_lr: float = 5e-4  # Adam for the encoder's regularization step, betas (0.5, 0.999)
+    encoder_lr: float = 5e-4  # Adam of the encoder's regularization step, reg_step=separate only
+    reg_step: Literal["joint", "shared", "separate"] = "joint"  # module docstring
+    er_loss: Literal["mean", "adv"] = "mean"  # er: mean of clean+adv CE (authors' code) or adv only (paper)
     critic_hidden: int = 64
     clip: float = 0.01  # WGAN weight clipping of the critic
     classifier_hidden: int = 64
@@ -131,9 +142,11 @@ class ERClassifier(Method):
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         o = self.opts
-        return {"main": self.make_optimizer(self.net.parameters()),
-                "critic": torch.optim.Adam(self.critic.parameters(), lr=o.critic_lr, betas=(0.5, 0.999)),
-                "encoder": torch.optim.Adam(self.net.encoder.parameters(), lr=o.encoder_lr, betas=(0.5, 0.999))}
+        optimizers = {"main": self.make_optimizer(self.net.parameters()),
+                      "critic": torch.optim.Adam(self.critic.parameters(), lr=o.critic_lr, betas=(0.5, 0.999))}
+        if o.reg_step == "separate":
+            optimizers["encoder"] = torch.optim.Adam(self.net.encoder.parameters(), lr=o.encoder_lr, betas=(0.5, 0.999))
+        return optimizers
 
     # -- pieces --------------------------------------------------------------------------------
     def prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -155,7 +168,10 @@ class ERClassifier(Method):
         x_adv = self.adversarial_examples(x, y)
         both = torch.cat([x, x_adv])
         logits = self.net(both)
-        loss = F.cross_entropy(logits, torch.cat([y, y]))  # mean over clean and adversarial
+        if self.opts.er_loss == "adv":  # the paper's min-max: CE on the PGD examples only
+            loss = F.cross_entropy(logits[len(x):], y)
+        else:  # the authors' code: mean over clean and adversarial
+            loss = F.cross_entropy(logits, torch.cat([y, y]))
         adv_acc = float((logits[len(x):].argmax(1) == y).float().mean())
         return loss, both, {"ce": float(loss.detach()), "train_adv_acc": adv_acc}
 
@@ -171,12 +187,17 @@ class ERClassifier(Method):
         self.step(self.optimizers["critic"], -lam * w)
         clip_weights(self.critic, self.opts.clip)
 
-        # 2. encoder + classifier: the classification loss
-        self.step(self.optimizers["main"], loss)
+        # 2. + 3. encoder + classifier descend the classification loss; the encoder ascends
+        # lam * mean D(Q(x)) (critic weights untouched: no optimizer of the critic steps here)
+        mode = self.opts.reg_step
+        def reg() -> torch.Tensor:
+            return -lam * self.critic(self.net.encoder(inputs)).mean()
 
-        # 3. encoder: ascend lam * mean D(Q(x)) (critic weights untouched: only the encoder's optimizer steps)
-        reg = -lam * self.critic(self.net.encoder(inputs)).mean()
-        self.step(self.optimizers["encoder"], reg)
+        if mode == "joint":
+            self.step(self.optimizers["main"], loss + reg())
+        else:  # after step 2, on the updated encoder (the authors' order)
+            self.step(self.optimizers["main"], loss)
+            self.step(self.optimizers["main" if mode == "shared" else "encoder"], reg())
         self.critic.zero_grad(set_to_none=True)
         return {"loss": float(loss.detach()), "critic_w": float(w.detach()), **metrics}
 
